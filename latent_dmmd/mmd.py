@@ -1,0 +1,180 @@
+"""Pure tensor math of DMMD: kernels, unbiased MMD², witness gradients, penalties, loss.
+
+Nothing here knows about diffusers; every function works on plain tensors and on any
+feature network ``phi(x, t) -> (B, D)``, so the whole module is testable on 2-D toys.
+Section numbers refer to ``docs/method.md`` of the project (the shared method page).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+FeatureFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+L2Mode = Literal["feature", "witness"]
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
+# --------------------------------------------------------------------------- kernels (§1-2)
+
+
+def mmd2_unbiased(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Unbiased linear-kernel MMD² of feature sets ``a`` (…, n, D) and ``b`` (…, m, D), §2.
+
+    Costs O((n + m)·D): the Gram matrix is never built. Leading dimensions are batch
+    dimensions (one MMD per group), which is how the training loss uses it.
+    """
+    n, m = a.shape[-2], b.shape[-2]
+    if n < 2 or m < 2:
+        raise ValueError(f"the unbiased MMD needs at least 2 samples per side, got n={n}, m={m}")
+    sum_a, sum_b = a.sum(-2), b.sum(-2)
+    self_a = (sum_a.square().sum(-1) - a.square().sum((-2, -1))) / (n * (n - 1))
+    self_b = (sum_b.square().sum(-1) - b.square().sum((-2, -1))) / (m * (m - 1))
+    cross = (sum_a * sum_b).sum(-1) / (n * m)
+    return self_a + self_b - 2 * cross
+
+
+def gaussian_kernel(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """Gram matrix ``exp(-|x - y|² / (2 l²))`` of two point sets (n, d), (m, d)."""
+    return torch.exp(-torch.cdist(_flat(x), _flat(y)).square() / (2 * bandwidth**2))
+
+
+def gaussian_mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """Unbiased MMD² with a Gaussian kernel of width ``bandwidth`` (for tests and ablations)."""
+    n, m = x.shape[0], y.shape[0]
+    kxx, kyy, kxy = gaussian_kernel(x, x, bandwidth), gaussian_kernel(y, y, bandwidth), gaussian_kernel(x, y, bandwidth)
+    return (
+        (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+        + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+        - 2 * kxy.mean()
+    )
+
+
+def gaussian_mmd2_closed_form(mean_shift: float, std: float, bandwidth: float, dim: int) -> float:
+    """Population MMD² between N(0, s²I) and N(m, s²I) under a Gaussian kernel (§6)."""
+    l2, s2 = bandwidth**2, std**2
+    return 2 * (l2 / (l2 + 2 * s2)) ** (dim / 2) * (1 - torch.exp(torch.tensor(-(mean_shift**2) / (2 * (l2 + 2 * s2)))).item())
+
+
+def energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Energy distance ``2E|x-y| - E|x-x'| - E|y-y'|`` (the MMD of the distance kernel).
+
+    A bandwidth-free sample distance, used to judge flows without favouring any kernel.
+    """
+    x, y = _flat(x), _flat(y)
+    n, m = x.shape[0], y.shape[0]
+    dxx = torch.cdist(x, x).sum() / (n * (n - 1))
+    dyy = torch.cdist(y, y).sum() / (m * (m - 1))
+    return 2 * torch.cdist(x, y).mean() - dxx - dyy
+
+
+# --------------------------------------------------------------------------- witness (§2)
+
+
+def witness_gradient(
+    phi: FeatureFn, z: torch.Tensor, t: torch.Tensor, direction: torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input gradient of the witness ``f(z) = <phi(z, t), g>``: one forward, one backward.
+
+    ``direction`` is ``g`` (D,), or a function of the detached features ``F`` (N, D)
+    returning ``g`` (the ensemble particle mean needs ``F`` from this very forward).
+    Returns ``(grad_z f, F)``; ``g`` is treated as a constant (stop-gradient).
+    """
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        features = phi(z, t)
+        g = direction(features.detach()) if callable(direction) else direction
+        (grad,) = torch.autograd.grad((features * g.detach().to(features.dtype)).sum(), z)
+    return grad, features.detach()
+
+
+# --------------------------------------------------------------------------- training loss (§3)
+
+
+def math_attention():
+    """Context that forces the math SDPA kernel: fused kernels have no double backward."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - very old torch
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+@dataclass
+class DMMDLossOutput:
+    """Scalars of one DMMD loss evaluation (averaged over groups) and per-group MMD²."""
+
+    loss: torch.Tensor
+    mmd2: torch.Tensor
+    l2: torch.Tensor
+    gradient_penalty: torch.Tensor
+    mmd2_per_group: torch.Tensor
+    feature_norm: torch.Tensor
+
+
+def dmmd_loss(
+    phi: FeatureFn,
+    x0: torch.Tensor,
+    xt: torch.Tensor,
+    t: torch.Tensor,
+    num_groups: int,
+    *,
+    lambda_l2: float = 1e-3,
+    lambda_gp: float = 1.0,
+    l2_mode: L2Mode = "feature",
+    gp_target: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> DMMDLossOutput:
+    """DMMD discriminator loss of §3, minimised: ``-MMD²_u + λ_l2 R_l2 + λ_gp R_gp``.
+
+    ``x0`` and ``xt`` (B, …) are clean samples and their forward-noised copies; ``t`` (B,)
+    holds one noise level per group of ``B / num_groups`` consecutive samples. Clean and
+    noisy features come from one batched forward; the gradient penalty uses one more
+    forward at random interpolates and a double backward.
+    """
+    batch = x0.shape[0]
+    if batch % num_groups:
+        raise ValueError(f"batch size {batch} is not divisible by num_groups={num_groups}")
+    size = batch // num_groups
+    if size < 2:
+        raise ValueError(f"each of the {num_groups} groups needs at least 2 samples, got {size}")
+
+    features = phi(torch.cat([x0, xt]), torch.cat([t, t]))
+    a, b = features[:batch].view(num_groups, size, -1), features[batch:].view(num_groups, size, -1)
+    mmd2 = mmd2_unbiased(a, b)
+    # witness direction per group: m_noisy - m_clean (the MMD-flow sign convention)
+    g = b.mean(1) - a.mean(1)
+
+    if l2_mode == "feature":
+        l2 = a.square().sum(-1).mean() + b.square().sum(-1).mean()
+    elif l2_mode == "witness":
+        l2 = torch.einsum("gnd,gd->gn", torch.cat([a, b], 1), g).square().mean()
+    else:
+        raise ValueError(f"unknown l2_mode {l2_mode!r}; expected 'feature' or 'witness'")
+
+    if lambda_gp:
+        u = torch.rand((batch,) + (1,) * (x0.dim() - 1), generator=generator, device=x0.device, dtype=x0.dtype)
+        x_hat = (u * x0 + (1 - u) * xt).detach().requires_grad_(True)
+        with math_attention():
+            f_hat = phi(x_hat, t).view(num_groups, size, -1)
+            witness = torch.einsum("gnd,gd->gn", f_hat, g).sum()
+            (grad,) = torch.autograd.grad(witness, x_hat, create_graph=True)
+        gp = (_flat(grad).norm(dim=1) - gp_target).square().mean()
+    else:
+        gp = features.new_zeros(())
+
+    loss = -mmd2.mean() + lambda_l2 * l2 + lambda_gp * gp
+    return DMMDLossOutput(
+        loss=loss,
+        mmd2=mmd2.mean().detach(),
+        l2=l2.detach(),
+        gradient_penalty=gp.detach(),
+        mmd2_per_group=mmd2.detach(),
+        feature_norm=features.detach().norm(dim=1).mean(),
+    )

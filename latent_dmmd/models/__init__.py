@@ -1,0 +1,3 @@
+from .discriminator import DMMDDiscriminator
+
+__all__ = ["DMMDDiscriminator"]

@@ -1,0 +1,174 @@
+"""DMMDDiscriminator: the noise-conditional feature network ``phi(x, t)`` on a diffusers UNet.
+
+The reference statistics of method §4 are persistent buffers of the model, so one
+``save_pretrained`` carries everything a sampler needs. Their shapes are in the config
+(``num_reference_levels``), which lets ``from_pretrained`` rebuild them before loading.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models import UNet2DModel
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from ..reference import ReferenceStatistics, weights_fingerprint
+
+__all__ = ["DMMDDiscriminator", "ModelMixin"]
+
+_FEATURE_ALPHA_ATOL = 1e-6
+
+
+class DMMDDiscriminator(ModelMixin, ConfigMixin):
+    """Noise-conditional discriminator ``phi(x, t) -> (B, D)`` (method §1, §3).
+
+    The backbone is a ``UNet2DModel``; the features are its output flattened
+    (``D = out_channels · H · W``), optionally average-pooled to ``pool_size²`` cells per
+    channel and/or linearly projected to ``projection_dim``.
+
+    Args:
+        sample_size: spatial size of the inputs (pixels, or latent cells in latent space).
+        in_channels: channels of the particles (3 for RGB, the VAE's latent channels).
+        out_channels: channels of the UNet output (defaults to ``in_channels``).
+        block_out_channels, layers_per_block, down_block_types, up_block_types,
+        attention_head_dim, norm_num_groups, dropout: passed to ``UNet2DModel``.
+        pool_size: average-pool the UNet output to ``pool_size × pool_size`` (None: no pooling).
+        projection_dim: learned linear map of the features to this size (None: none).
+        num_reference_levels: number of levels of the stored reference statistics
+            (set by ``set_reference_statistics``; 0 means none stored yet).
+        reference_fingerprint: SHA-256 of the weights the statistics were computed with.
+        reference_count: number of data samples behind the statistics.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 32,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        block_out_channels: tuple[int, ...] = (32, 64, 64),
+        layers_per_block: int = 1,
+        down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types: tuple[str, ...] = ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim: int | None = 8,
+        norm_num_groups: int = 16,
+        dropout: float = 0.0,
+        pool_size: int | None = None,
+        projection_dim: int | None = None,
+        num_reference_levels: int = 0,
+        reference_fingerprint: str | None = None,
+        reference_count: int = 0,
+    ):
+        super().__init__()
+        out_channels = out_channels or in_channels
+        self.unet = UNet2DModel(
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block,
+            down_block_types=tuple(down_block_types),
+            up_block_types=tuple(up_block_types),
+            attention_head_dim=attention_head_dim,
+            norm_num_groups=norm_num_groups,
+            dropout=dropout,
+        )
+        self.pool = nn.AdaptiveAvgPool2d(pool_size) if pool_size else nn.Identity()
+        cells = pool_size**2 if pool_size else sample_size**2
+        raw_dim = out_channels * cells
+        self.projection = nn.Linear(raw_dim, projection_dim, bias=False) if projection_dim else nn.Identity()
+        self.feature_dim = projection_dim or raw_dim
+        self._make_reference_buffers(num_reference_levels)
+
+    # ------------------------------------------------------------------ features
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> torch.Tensor:
+        """Features ``phi(sample, timestep)`` of shape (B, D); ``timestep`` scalar or (B,)."""
+        c = self.config
+        if sample.dim() != 4 or sample.shape[1] != c.in_channels:
+            raise ValueError(
+                f"expected samples of shape (B, {c.in_channels}, H, W) for this discriminator, got {tuple(sample.shape)}"
+            )
+        if sample.shape[-1] != c.sample_size or sample.shape[-2] != c.sample_size:
+            raise ValueError(
+                f"this discriminator was built for {c.sample_size}x{c.sample_size} inputs, "
+                f"got {sample.shape[-2]}x{sample.shape[-1]}"
+            )
+        timestep = torch.as_tensor(timestep, device=sample.device)
+        if timestep.dim() == 0:
+            timestep = timestep.expand(sample.shape[0])
+        out = self.unet(sample, timestep).sample
+        return self.projection(self.pool(out).flatten(1))
+
+    # ------------------------------------------------------------------ reference statistics
+    def _make_reference_buffers(self, levels: int, device: torch.device | None = None) -> None:
+        d = self.feature_dim
+        self.register_buffer("reference_timesteps", torch.zeros(levels, dtype=torch.long, device=device))
+        self.register_buffer("reference_alphas_cumprod", torch.zeros(levels, device=device))
+        self.register_buffer("reference_mean_data", torch.zeros(levels, d, device=device))
+        self.register_buffer("reference_mean_noised", torch.zeros(levels, d, device=device))
+
+    @property
+    def has_reference_statistics(self) -> bool:
+        return self.config.num_reference_levels > 0
+
+    def set_reference_statistics(self, stats: ReferenceStatistics) -> None:
+        """Store ``m_P`` and ``m_Pt`` with the model, keyed by the current weights."""
+        if stats.mean_data.shape[-1] != self.feature_dim:
+            raise ValueError(
+                f"statistics have feature dimension {stats.mean_data.shape[-1]}, the model has {self.feature_dim}"
+            )
+        self._make_reference_buffers(len(stats.timesteps), device=self.unet.conv_in.weight.device)
+        self.reference_timesteps.copy_(stats.timesteps)
+        self.reference_alphas_cumprod.copy_(stats.alphas_cumprod)
+        self.reference_mean_data.copy_(stats.mean_data)
+        self.reference_mean_noised.copy_(stats.mean_noised)
+        self.register_to_config(
+            num_reference_levels=len(stats.timesteps),
+            reference_fingerprint=weights_fingerprint(self),
+            reference_count=int(stats.count),
+        )
+
+    def reference_statistics(self, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> ReferenceStatistics:
+        """Stored statistics for the levels ``timesteps``, after checking they are valid for them.
+
+        Raises ``ValueError`` naming the problem when no statistics are stored, when the
+        weights changed after they were computed, when a level is missing, or when the
+        scheduler's forward process differs from the one they were computed with.
+        """
+        if not self.has_reference_statistics:
+            raise ValueError(
+                "this discriminator has no reference statistics; compute them with "
+                "latent_dmmd.reference.compute_reference_statistics and store them with "
+                "discriminator.set_reference_statistics(...), or sample with reference='data'"
+            )
+        if weights_fingerprint(self) != self.config.reference_fingerprint:
+            raise ValueError(
+                "stale reference statistics: the discriminator weights changed after the statistics were "
+                "computed; recompute them for the current weights"
+            )
+        stored = self.reference_timesteps.tolist()
+        index = {t: k for k, t in enumerate(stored)}
+        missing = [int(t) for t in timesteps if int(t) not in index]
+        if missing:
+            raise ValueError(
+                f"no reference statistics for timesteps {missing}: the stored grid is {stored}; choose "
+                f"num_inference_steps and the scheduler grid they were computed for, or recompute them"
+            )
+        rows = torch.tensor([index[int(t)] for t in timesteps], device=self.reference_mean_data.device)
+        expected = alphas_cumprod[torch.as_tensor(timesteps, dtype=torch.long).cpu()].to(rows.device)
+        stored_acp = self.reference_alphas_cumprod[rows]
+        if not torch.allclose(stored_acp.float(), expected.float(), atol=_FEATURE_ALPHA_ATOL, rtol=0):
+            raise ValueError(
+                "mismatched reference statistics: they were computed with another forward process "
+                "(alphas_cumprod differ at the sampling levels); use the scheduler config saved with the model"
+            )
+        return ReferenceStatistics(
+            timesteps=torch.as_tensor(timesteps).cpu(),
+            alphas_cumprod=stored_acp.cpu(),
+            mean_data=self.reference_mean_data[rows],
+            mean_noised=self.reference_mean_noised[rows],
+            count=self.config.reference_count,
+        )

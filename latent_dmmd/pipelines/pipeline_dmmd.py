@@ -1,0 +1,223 @@
+"""DMMDPipeline: unconditional generation by the noise-adaptive MMD gradient flow.
+
+Pixel space when ``vae`` is None; latent space otherwise (particles are latents that the
+VAE decodes at the end). The particle loop itself is ``latent_dmmd.flow.sample_flow``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
+
+from ..autoencoders import decode_latents
+from ..flow import data_reference, sample_flow
+from ..models import DMMDDiscriminator
+from ..schedulers import DMMDScheduler
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# Files a pipeline folder needs; anything else in a Hub repo (pickles, training state) is not fetched.
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.txt", "*.png", "pipeline.py"]
+
+
+class DMMDPipeline(DiffusionPipeline):
+    """Sample images with DMMD (method §5): particles follow the witness gradient of a
+    noise-conditional discriminator, level by level, from noise to data.
+
+    Args:
+        discriminator: the trained ``DMMDDiscriminator`` with its reference statistics.
+        scheduler: the ``DMMDScheduler`` holding the forward process and sampler options.
+        vae: optional diffusers autoencoder; when given, particles are its latents.
+    """
+
+    model_cpu_offload_seq = "discriminator->vae"
+    _optional_components = ["vae"]
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, discriminator: DMMDDiscriminator, scheduler: DMMDScheduler, vae=None):
+        super().__init__()
+        self.register_modules(discriminator=discriminator, scheduler=scheduler, vae=vae)
+        self.image_processor = VaeImageProcessor(do_normalize=True)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def download(cls, pretrained_model_name, **kwargs) -> str:
+        """Fetch a Hub repository as a snapshot (safetensors, configs and card only).
+
+        diffusers' stock ``download`` rejects components from third-party libraries, so
+        this override is what makes ``DMMDPipeline.from_pretrained("user/repo")`` work.
+        """
+        return snapshot_download(
+            pretrained_model_name,
+            revision=kwargs.get("revision"),
+            cache_dir=kwargs.get("cache_dir"),
+            token=kwargs.get("token"),
+            local_files_only=bool(kwargs.get("local_files_only")),
+            force_download=bool(kwargs.get("force_download")),
+            allow_patterns=HUB_ALLOW_PATTERNS,
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """``DiffusionPipeline.save_pretrained`` with safetensors only, plus the loader shim."""
+        if kwargs.pop("safe_serialization", True) is False:
+            raise ValueError("DMMDPipeline saves safetensors only; safe_serialization=False is not supported")
+        super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
+        write_loader_shim(save_directory)
+
+    def enable_xformers_memory_efficient_attention(self, attention_op: Callable | None = None):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "xformers attention needs a CUDA GPU; on this machine the default PyTorch attention is used"
+            )
+        super().enable_xformers_memory_efficient_attention(attention_op)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def particle_shape(self) -> tuple[int, int, int]:
+        c = self.discriminator.config
+        return (c.in_channels, c.sample_size, c.sample_size)
+
+    def _check_inputs(self, num_images, generator, latents, output_type, callback_tensor_inputs):
+        if torch.is_inference_mode_enabled():
+            raise ValueError(
+                "DMMDPipeline cannot run under torch.inference_mode(): the flow needs the input gradient of the "
+                "discriminator; call it outside inference_mode (no_grad is fine)"
+            )
+        if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
+            raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
+        if isinstance(generator, list) and len(generator) != num_images:
+            raise ValueError(f"got a list of {len(generator)} generators for num_images={num_images}; give one per image")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if latents is not None:
+            expected = (num_images, *self.particle_shape)
+            if not torch.is_tensor(latents) or not latents.is_floating_point():
+                raise ValueError(f"latents must be a floating-point tensor of shape {expected}")
+            if tuple(latents.shape) != expected:
+                raise ValueError(
+                    f"latents have shape {tuple(latents.shape)} but the discriminator expects {expected} "
+                    f"(num_images, channels, height, width)"
+                )
+        bad = [k for k in callback_tensor_inputs if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {bad} not in {self._callback_tensor_inputs}")
+        if self.vae is not None:
+            latent_channels = self.vae.config.latent_channels
+            if latent_channels != self.particle_shape[0]:
+                raise ValueError(
+                    f"the VAE has {latent_channels} latent channels but the discriminator expects "
+                    f"{self.particle_shape[0]}: they were not trained together"
+                )
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def __call__(
+        self,
+        num_images: int = 8,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int | None = None,
+        flow_steps_per_level: int | None = None,
+        step_size: float | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        reference_data: torch.Tensor | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate ``num_images`` images.
+
+        Args:
+            num_images: number of particles flowed together (they interact under the default
+                ``particle_mean="ensemble"``, so results depend on this number).
+            generator: a ``torch.Generator`` or one per image, for the initial noise.
+            num_inference_steps: ``T`` noise levels (default: the scheduler config); must be
+                a grid the reference statistics were computed for.
+            flow_steps_per_level: ``N_s`` (default: the scheduler config).
+            step_size: ``eta`` (default: the scheduler config).
+            latents: initial particles ``(num_images, C, H, W)`` instead of fresh noise.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (the raw particles).
+            return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
+            callback_on_step_end: ``fn(pipe, step, timestep, {"latents": z}) -> dict``, after each
+                flow step; a returned ``"latents"`` replaces the particles.
+            reference_data: clean data in particle space, needed when the scheduler's
+                ``reference`` is ``"data"`` (the exact, uncached reference means).
+        """
+        self._check_inputs(num_images, generator, latents, output_type, callback_on_step_end_tensor_inputs)
+        device = self._execution_device
+        disc, sched = self.discriminator, self.scheduler
+        flow_steps = flow_steps_per_level or sched.config.flow_steps_per_level
+        if flow_steps < 1:
+            raise ValueError(f"flow_steps_per_level must be >= 1, got {flow_steps}")
+        sched.set_timesteps(num_inference_steps, device=device)
+        timesteps = sched.timesteps
+
+        stats = disc.reference_statistics(timesteps, sched.alphas_cumprod) if sched.config.particle_mean == (
+            "forward_marginal"
+        ) or sched.config.reference == "cached" else None
+        dtype = disc.dtype
+
+        def phi(x, t):
+            return disc(x.to(dtype), t).float()
+
+        if sched.config.reference == "data":
+            if reference_data is None:
+                raise ValueError("the scheduler uses reference='data': pass reference_data (clean data particles)")
+            reference = data_reference(phi, reference_data.to(device, torch.float32))
+        else:
+            reference = stats.mean_data.float()
+
+        if latents is None:
+            latents = randn_tensor((num_images, *self.particle_shape), generator=generator, device=device)
+        z = latents.to(device, torch.float32) * sched.init_noise_sigma
+
+        def update(grad, k, z):
+            return sched.step(grad, timesteps[k], z, step_size=step_size).prev_sample
+
+        def callback(step, k, t, z):
+            if callback_on_step_end is None:
+                return None
+            out = callback_on_step_end(self, step, t, {"latents": z}) or {}
+            return out.get("latents")
+
+        z = sample_flow(
+            phi,
+            z,
+            timesteps,
+            reference,
+            flow_steps=flow_steps,
+            update=update,
+            particle_mean=sched.config.particle_mean,
+            marginal_means=stats.mean_noised.float() if stats is not None else None,
+            callback=callback,
+            progress=lambda total: self.progress_bar(total=total),
+        )
+
+        if output_type == "latent":
+            images = z
+        else:
+            images = decode_latents(self.vae, z) if self.vae is not None else z
+            images = self.image_processor.postprocess(images.detach(), output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+
+SHIM = '''"""Loader shim: lets plain diffusers load this folder with `custom_pipeline` and
+`trust_remote_code=True`. It only imports the installed `latent_dmmd` package."""
+from latent_dmmd import DMMDPipeline  # noqa: F401
+'''
+
+
+def write_loader_shim(folder: str | os.PathLike) -> str:
+    """Write ``pipeline.py`` (the one-line shim) into a saved pipeline folder."""
+    path = os.path.join(folder, "pipeline.py")
+    with open(path, "w") as f:
+        f.write(SHIM)
+    return path

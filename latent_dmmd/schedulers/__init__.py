@@ -1,0 +1,3 @@
+from .scheduling_dmmd import DMMDScheduler, DMMDSchedulerOutput
+
+__all__ = ["DMMDScheduler", "DMMDSchedulerOutput"]

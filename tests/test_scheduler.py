@@ -1,0 +1,91 @@
+"""DMMDScheduler: forward process identical to DDPM's, grids, step rules, options."""
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from latent_dmmd import DMMDScheduler
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}, {"beta_schedule": "squaredcos_cap_v2"}],
+)
+def test_alphas_are_exactly_ddpm_alphas(kwargs):
+    ours, ddpm = DMMDScheduler(**kwargs), DDPMScheduler(**kwargs)
+    assert torch.equal(ours.betas, ddpm.betas)
+    assert torch.equal(ours.alphas_cumprod, ddpm.alphas_cumprod)
+    x0, eps = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)
+    t = torch.tensor([0, 10, 500, 900, 999])
+    assert torch.allclose(ours.add_noise(x0, eps, t), ddpm.add_noise(x0, eps, t), atol=1e-6)
+    alpha, sigma = ours.alpha_sigma(t)
+    assert torch.allclose(alpha**2 + sigma**2, torch.ones(5), atol=1e-6)
+
+
+def test_default_grid_runs_from_t_max_to_t_min():
+    s = DMMDScheduler()
+    assert s.timesteps.tolist() == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+    s = DMMDScheduler(t_min=20, num_inference_steps=5)
+    assert s.timesteps[0] == 999 and s.timesteps[-1] == 20
+    assert (s.timesteps[:-1] > s.timesteps[1:]).all()
+
+
+def test_log_snr_grid_is_uniform_in_log_snr():
+    s = DMMDScheduler(timestep_spacing="log_snr", num_inference_steps=8, t_min=10)
+    snr = s.log_snr(s.timesteps)
+    gaps = snr[1:] - snr[:-1]
+    assert (gaps > 0).all()
+    assert gaps.max() / gaps.min() < 1.6  # integer rounding of t only
+
+
+def test_grid_that_repeats_a_level_is_refused():
+    with pytest.raises(ValueError, match="repeating"):
+        DMMDScheduler(num_inference_steps=50, t_min=990)
+
+
+def test_step_rules():
+    z, g = torch.ones(4, 2), torch.full((4, 2), 2.0)
+    s = DMMDScheduler(num_inference_steps=2, step_size=0.1)
+    assert torch.allclose(s.step(g, 999, z).prev_sample, z - 0.2)
+    assert torch.allclose(s.step(g, 999, z, step_size=0.5).prev_sample, z - 1.0)
+    s = DMMDScheduler(num_inference_steps=2, step_size=0.1, step_size_schedule="sigma2")
+    _, sigma = s.alpha_sigma(0)
+    assert torch.allclose(s.step(g, 0, z).prev_sample, z - 0.1 * sigma**2 * 2)
+    s = DMMDScheduler(num_inference_steps=2, step_size=0.1, step_size_schedule="rms")
+    assert torch.allclose(s.step(g, 0, z).prev_sample, z - 0.1)  # normalised: RMS of g is 2
+    with pytest.raises(ValueError, match="not on the current grid"):
+        s.step(g, 500, z)
+
+
+def test_training_timesteps():
+    g = torch.Generator().manual_seed(0)
+    s = DMMDScheduler()
+    t = s.sample_training_timesteps(1000, g)
+    assert t.min() >= 0 and t.max() <= 999 and len(t.unique()) > 400
+    s = DMMDScheduler(train_timestep_sampling="grid", num_inference_steps=5)
+    assert set(s.sample_training_timesteps(200, g).tolist()) == set(s.timesteps.tolist())
+    s = DMMDScheduler(train_timestep_sampling="log_snr")
+    snr = s.log_snr(s.sample_training_timesteps(4000, g))
+    lo, hi = s.log_snr(999).item(), s.log_snr(0).item()
+    # uniform in log-SNR: the middle third of the log-SNR range holds about a third of the draws
+    middle = ((snr > lo + (hi - lo) / 3) & (snr < lo + 2 * (hi - lo) / 3)).float().mean()
+    assert abs(middle.item() - 1 / 3) < 0.05
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"particle_mean": "median"}, {"reference": "online"}, {"step_size_schedule": "adam"}, {"t_min": 999}, {"beta_schedule": "x"}],
+)
+def test_bad_options_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        DMMDScheduler(**kwargs)
+
+
+def test_config_round_trip(tmp_path):
+    s = DMMDScheduler(num_inference_steps=7, flow_steps_per_level=3, particle_mean="forward_marginal", step_size=0.25)
+    s.save_config(tmp_path)
+    loaded = DMMDScheduler.from_pretrained(tmp_path)
+    drop = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert drop(loaded.config) == drop(s.config)
+    assert torch.equal(loaded.timesteps, s.timesteps)
+    assert s.nfe() == {"nfe": 21, "forward_equivalents": 63}
