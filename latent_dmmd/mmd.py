@@ -2,7 +2,7 @@
 
 Nothing here knows about diffusers; every function works on plain tensors and on any
 feature network ``phi(x, t) -> (B, D)``, so the whole module is testable on 2-D toys.
-Section numbers refer to ``docs/method.md`` of the project (the shared method page).
+Section numbers (§) refer to ``docs/method.md``.
 """
 
 from __future__ import annotations
