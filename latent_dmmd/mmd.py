@@ -130,13 +130,15 @@ def dmmd_loss(
     l2_mode: L2Mode = "feature",
     gp_target: float = 1.0,
     generator: torch.Generator | None = None,
+    interpolation: torch.Tensor | None = None,
 ) -> DMMDLossOutput:
     """DMMD discriminator loss of §3, minimised: ``-MMD²_u + λ_l2 R_l2 + λ_gp R_gp``.
 
     ``x0`` and ``xt`` (B, …) are clean samples and their forward-noised copies; ``t`` (B,)
-    holds one noise level per group of ``B / num_groups`` consecutive samples. Clean and
-    noisy features come from one batched forward; the gradient penalty uses one more
-    forward at random interpolates and a double backward.
+    holds one noise level per group of ``B / num_groups`` consecutive samples. Clean, noisy
+    and interpolated samples (``x_hat = u x0 + (1 - u) xt`` with ``u`` given as
+    ``interpolation`` (B,) or drawn from ``generator``) go through one batched forward; the
+    gradient penalty then needs a double backward.
     """
     batch = x0.shape[0]
     if batch % num_groups:
@@ -145,8 +147,19 @@ def dmmd_loss(
     if size < 2:
         raise ValueError(f"each of the {num_groups} groups needs at least 2 samples, got {size}")
 
-    features = phi(torch.cat([x0, xt]), torch.cat([t, t]))
-    a, b = features[:batch].view(num_groups, size, -1), features[batch:].view(num_groups, size, -1)
+    if lambda_gp:
+        if interpolation is None:
+            u = torch.rand((batch,) + (1,) * (x0.dim() - 1), generator=generator, dtype=x0.dtype).to(x0.device)
+        else:
+            u = interpolation.to(x0.device, x0.dtype).view((batch,) + (1,) * (x0.dim() - 1))
+        x_hat = (u * x0 + (1 - u) * xt).detach().requires_grad_(True)
+        # one forward for clean, noisy and interpolated samples (what DDP expects); math attention
+        # because the penalty needs a double backward
+        with math_attention():
+            features = phi(torch.cat([x0, xt, x_hat]), torch.cat([t, t, t]))
+    else:
+        features = phi(torch.cat([x0, xt]), torch.cat([t, t]))
+    a, b = features[:batch].view(num_groups, size, -1), features[batch : 2 * batch].view(num_groups, size, -1)
     mmd2 = mmd2_unbiased(a, b)
     # witness direction per group: m_noisy - m_clean (the MMD-flow sign convention)
     g = b.mean(1) - a.mean(1)
@@ -159,12 +172,9 @@ def dmmd_loss(
         raise ValueError(f"unknown l2_mode {l2_mode!r}; expected 'feature' or 'witness'")
 
     if lambda_gp:
-        u = torch.rand((batch,) + (1,) * (x0.dim() - 1), generator=generator, device=x0.device, dtype=x0.dtype)
-        x_hat = (u * x0 + (1 - u) * xt).detach().requires_grad_(True)
-        with math_attention():
-            f_hat = phi(x_hat, t).view(num_groups, size, -1)
-            witness = torch.einsum("gnd,gd->gn", f_hat, g).sum()
-            (grad,) = torch.autograd.grad(witness, x_hat, create_graph=True)
+        f_hat = features[2 * batch :].view(num_groups, size, -1)
+        witness = torch.einsum("gnd,gd->gn", f_hat, g).sum()
+        (grad,) = torch.autograd.grad(witness, x_hat, create_graph=True)
         gp = (_flat(grad).norm(dim=1) - gp_target).square().mean()
     else:
         gp = features.new_zeros(())

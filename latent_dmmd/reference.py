@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .mmd import FeatureFn
+from .seeding import keyed_randn
 
 
 @dataclass
@@ -56,8 +57,9 @@ def compute_reference_statistics(
 ) -> ReferenceStatistics:
     """Compute ``m_P(t_k)`` and ``m_Pt(t_k)`` for every level ``t_k`` of ``timesteps``.
 
-    ``batches`` yields clean samples (B, …); each sample is noised with its own ``eps`` at
-    every level. Sums are accumulated in float64. ``reduce(sum_tensor) -> sum_tensor`` is
+    ``batches`` yields clean samples (B, …), or ``(samples, keys)`` pairs; each sample is
+    noised with its own ``eps`` at every level, drawn from ``generator`` or, when keys are
+    given, from a generator seeded by ``(*key, level)`` (so the split of the data does not matter). Sums are accumulated in float64. ``reduce(sum_tensor) -> sum_tensor`` is
     applied to the sums and the count before dividing, which is how several processes
     agree (``accelerator.reduce(x, "sum")``): the result equals one process seeing all data.
     """
@@ -66,11 +68,15 @@ def compute_reference_statistics(
     alpha, sigma = acp.sqrt(), (1 - acp).sqrt()
     sum_data = sum_noised = None
     count = 0
-    for x0 in tqdm(batches, desc="reference statistics", disable=not progress):
+    for item in tqdm(batches, desc="reference statistics", disable=not progress):
+        x0, keys = item if isinstance(item, (tuple, list)) else (item, None)
         n = x0.shape[0]
         for k, t in enumerate(timesteps):
             t_batch = torch.full((n,), int(t), device=x0.device, dtype=torch.long)
-            eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+            if keys is None:
+                eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+            else:
+                eps = keyed_randn([(*key, int(t)) for key in keys], x0.shape[1:], device=x0.device, dtype=x0.dtype)
             xt = alpha[k].to(x0) * x0 + sigma[k].to(x0) * eps
             f_data = phi(x0, t_batch).double().sum(0)
             f_noised = phi(xt, t_batch).double().sum(0)

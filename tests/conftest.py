@@ -47,3 +47,43 @@ def tiny_pipeline(in_channels: int = 3, sample_size: int = 8, vae=None, **schedu
 @pytest.fixture
 def pipe():
     return tiny_pipeline()
+
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+TAEF2_DIR = os.path.join(SHARED, "weights", "taef2")
+CELEBA_DIR = os.path.join(SHARED, "data", "celebahq256", "images")
+
+
+def write_image_folder(folder, n: int = 8, size: int = 12, seed: int = 0, corrupt: int = 0) -> list[str]:
+    """``n`` random RGB PNGs (in two subfolders) plus ``corrupt`` unreadable .jpg files."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        sub = os.path.join(folder, f"part{i % 2}")
+        os.makedirs(sub, exist_ok=True)
+        path = os.path.join(sub, f"img{i:03d}.png")
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    for i in range(corrupt):
+        path = os.path.join(folder, f"broken{i}.jpg")
+        with open(path, "wb") as f:
+            f.write(b"\xff\xd8\xff\xe0 this is not a jpeg")
+        paths.append(path)
+    return paths
+
+
+def tiny_vae_folder(folder, latent_channels: int = 4, scaling_factor: float = 0.5, seed: int = 0) -> str:
+    """A tiny random AutoencoderKL saved with save_pretrained (downsamples by 2)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8, 8), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        scaling_factor=scaling_factor,
+    )  # fmt: skip
+    vae.save_pretrained(folder)
+    return str(folder)

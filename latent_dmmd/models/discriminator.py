@@ -105,10 +105,12 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
     # ------------------------------------------------------------------ reference statistics
     def _make_reference_buffers(self, levels: int, device: torch.device | None = None) -> None:
         d = self.feature_dim
-        self.register_buffer("reference_timesteps", torch.zeros(levels, dtype=torch.long, device=device))
-        self.register_buffer("reference_alphas_cumprod", torch.zeros(levels, device=device))
-        self.register_buffer("reference_mean_data", torch.zeros(levels, d, device=device))
-        self.register_buffer("reference_mean_noised", torch.zeros(levels, d, device=device))
+        # empty placeholders stay out of the state dict (empty tensors look "shared" to savers)
+        keep = levels > 0
+        self.register_buffer("reference_timesteps", torch.zeros(levels, dtype=torch.long, device=device), keep)
+        self.register_buffer("reference_alphas_cumprod", torch.zeros(levels, device=device), keep)
+        self.register_buffer("reference_mean_data", torch.zeros(levels, d, device=device), keep)
+        self.register_buffer("reference_mean_noised", torch.zeros(levels, d, device=device), keep)
 
     @property
     def has_reference_statistics(self) -> bool:

@@ -1,0 +1,387 @@
+"""Datasets (image folders, Hugging Face datasets, IDX files), image transforms and the
+index-keyed latent cache.
+
+Images come out as float tensors in [-1, 1], shape (C, H, W). A file that cannot be read
+is skipped: its item is ``None``, ``collate_skipping`` drops it and counts it in the
+batch (``batch["skipped"]``), and training reports the total at the end. Nothing crashes
+hours into a run because of one bad JPEG.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import struct
+import tempfile
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset, default_collate
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail loudly, then be skipped
+
+
+# ---------------------------------------------------------------------------- transforms
+
+
+@dataclass
+class ImageTransform:
+    """Resize the shorter side to ``resolution``, crop to a square, optionally flip, to [-1, 1]."""
+
+    resolution: int
+    center_crop: bool = True
+    random_flip: bool = False
+    channels: int = 3
+
+    def to_mode(self, image: Image.Image) -> Image.Image:
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit / 32-bit grayscale: rescale to 8 bits before the RGB conversion
+            arr = np.asarray(image, dtype=np.float64)
+            top = 65535.0 if arr.max() > 255 else 255.0
+            image = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+        if image.mode in ("RGBA", "LA", "P"):
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image)
+        return image.convert("RGB" if self.channels == 3 else "L")
+
+    def __call__(self, image: Image.Image, flip: bool | None = None, rng: np.random.Generator | None = None):
+        image = self.to_mode(image)
+        w, h = image.size
+        scale = self.resolution / min(w, h)
+        if scale != 1:
+            image = image.resize((max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))),
+                                 Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)  # fmt: skip
+        w, h = image.size
+        if self.center_crop:
+            left, top = (w - self.resolution) // 2, (h - self.resolution) // 2
+        else:
+            rng = rng or np.random.default_rng()
+            left, top = int(rng.integers(0, w - self.resolution + 1)), int(rng.integers(0, h - self.resolution + 1))
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        tensor = torch.from_numpy(arr.copy()).reshape(self.resolution, self.resolution, -1).permute(2, 0, 1)
+        if flip is None:
+            flip = self.random_flip and bool((rng or np.random.default_rng()).random() < 0.5)
+        return tensor.flip(-1) if flip else tensor
+
+
+# ---------------------------------------------------------------------------- datasets
+
+
+def list_images(folder: str | os.PathLike) -> list[str]:
+    """All image files under ``folder`` (recursive), sorted, so indices are stable."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    found = []
+    for root, _, files in os.walk(folder):
+        found += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
+class ImageFolderDataset(Dataset):
+    """Images of a folder (recursive). Items: ``{"index", "pixel_values"}`` or ``None`` if unreadable."""
+
+    def __init__(self, folder: str, transform: ImageTransform, files: list[str] | None = None):
+        self.files = files if files is not None else list_images(folder)
+        if not self.files:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}")
+        self.transform = transform
+        self.source = os.path.abspath(folder)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int, flip: bool | None = None) -> torch.Tensor | None:
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return self.transform(image, flip=flip)
+        except Exception as err:  # any decoding failure: skip and count, never crash
+            logger.warning("skipping unreadable image %s (%s)", path, err)
+            return None
+
+    def __getitem__(self, index: int):
+        pixels = self.load(index)
+        return None if pixels is None else {"index": index, "pixel_values": pixels}
+
+
+class HFImageDataset(Dataset):
+    """A Hugging Face ``datasets`` image dataset: a local ``save_to_disk`` folder or a cached Hub name."""
+
+    def __init__(self, name: str, transform: ImageTransform, split: str = "train", image_column: str = "image"):
+        try:
+            import datasets
+        except ImportError as err:  # pragma: no cover - optional dependency
+            raise ImportError("Hugging Face datasets are optional: pip install datasets") from err
+        if os.path.isdir(name):
+            ds = datasets.load_from_disk(name)
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(name, split=split)
+        if image_column not in ds.column_names:
+            raise ValueError(f"dataset {name} has no column {image_column!r}; columns: {ds.column_names}")
+        self.ds, self.column, self.transform, self.source = ds, image_column, transform, name
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def load(self, index: int, flip: bool | None = None) -> torch.Tensor | None:
+        try:
+            image = self.ds[index][self.column]
+            if not isinstance(image, Image.Image):
+                image = Image.fromarray(np.asarray(image))
+            return self.transform(image, flip=flip)
+        except Exception as err:
+            logger.warning("skipping unreadable item %d of %s (%s)", index, self.source, err)
+            return None
+
+    def __getitem__(self, index: int):
+        pixels = self.load(index)
+        return None if pixels is None else {"index": index, "pixel_values": pixels}
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read an IDX file (optionally gzipped), e.g. Fashion-MNIST's ``*-images-idx3-ubyte``."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        zero, dtype_code, ndim = struct.unpack(">HBB", f.read(4))
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError(f"{path} is not an unsigned-byte IDX file")
+        shape = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
+        data = np.frombuffer(f.read(), dtype=np.uint8)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: expected {int(np.prod(shape))} bytes of data, got {data.size}")
+    return data.reshape(shape)
+
+
+class IDXImageDataset(Dataset):
+    """Grayscale images from an IDX file (Fashion-MNIST: ``apt-get install dataset-fashion-mnist``)."""
+
+    def __init__(self, path: str, transform: ImageTransform):
+        if os.path.isdir(path):
+            candidates = [f for f in os.listdir(path) if "images" in f and "idx3" in f]
+            split = "train" if any(f.startswith("train") for f in candidates) else ""
+            chosen = sorted(f for f in candidates if f.startswith(split))
+            if not chosen:
+                raise FileNotFoundError(f"no *-images-idx3-ubyte file in {path}")
+            path = os.path.join(path, chosen[0])
+        self.images = read_idx(path)
+        self.transform, self.source = transform, os.path.abspath(path)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int, flip: bool | None = None) -> torch.Tensor:
+        return self.transform(Image.fromarray(self.images[index], mode="L"), flip=flip)
+
+    def __getitem__(self, index: int):
+        return {"index": index, "pixel_values": self.load(index)}
+
+
+def build_image_dataset(
+    train_data_dir: str | None = None,
+    dataset_name: str | None = None,
+    resolution: int = 32,
+    center_crop: bool = True,
+    random_flip: bool = False,
+    channels: int = 3,
+    split: str = "train",
+    image_column: str = "image",
+    max_train_samples: int | None = None,
+    first_index: int = 0,
+) -> Dataset:
+    """The dataset a config names: an image folder, an IDX file/folder, or a HF dataset.
+
+    ``first_index`` / ``max_train_samples`` select a contiguous slice of a folder (e.g. the
+    CelebA-HQ split 00000–03499) so that held-out images are never trained on.
+    """
+    transform = ImageTransform(resolution, center_crop, random_flip, channels)
+    if dataset_name:
+        ds = HFImageDataset(dataset_name, transform, split, image_column)
+    elif train_data_dir is None:
+        raise ValueError("give train_data_dir (an image folder or IDX file) or dataset_name")
+    elif (os.path.isfile(train_data_dir) and "idx" in os.path.basename(train_data_dir)) or (
+        os.path.isdir(train_data_dir) and any("idx3" in f for f in os.listdir(train_data_dir))
+    ):
+        ds = IDXImageDataset(train_data_dir, transform)
+    else:
+        files = list_images(train_data_dir)
+        stop = None if max_train_samples is None else first_index + max_train_samples
+        ds = ImageFolderDataset(train_data_dir, transform, files=files[first_index:stop])
+        return ds
+    if first_index or max_train_samples:
+        stop = len(ds) if max_train_samples is None else min(len(ds), first_index + max_train_samples)
+        ds = torch.utils.data.Subset(ds, range(first_index, stop))
+        ds.source = ds.dataset.source  # type: ignore[attr-defined]
+    return ds
+
+
+def collate_skipping(items: list) -> dict:
+    """Collate, dropping unreadable items (``None``) and counting them in ``batch["skipped"]``."""
+    kept = [item for item in items if item is not None]
+    batch = default_collate(kept) if kept else {}
+    batch["skipped"] = len(items) - len(kept)
+    return batch
+
+
+# ---------------------------------------------------------------------------- latent cache
+
+
+CACHE_META = "meta.json"
+
+
+@dataclass
+class CacheMeta:
+    """What a latent cache was made from; a run whose meta differs must not use it."""
+
+    vae: dict
+    resolution: int
+    center_crop: bool
+    dataset: str
+    count: int
+    flip_variants: bool
+    latent_shape: list
+
+    def mismatches(self, other: "CacheMeta") -> list[str]:
+        """Names of the fields (VAE fields as ``vae.<name>``) that differ from ``other``."""
+        bad = []
+        for key, value in asdict(self).items():
+            theirs = getattr(other, key)
+            if key == "vae":
+                bad += [f"vae.{k}" for k in sorted(set(value) | set(theirs)) if value.get(k) != theirs.get(k)]
+            elif value != theirs and key != "latent_shape":
+                bad.append(key)
+        return bad
+
+
+def _atomic_save(tensors: dict, path: str) -> None:
+    """Write safetensors to a temporary file in the same folder, then rename into place."""
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _atomic_write_json(obj, path: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def shard_name(rank: int, world: int) -> str:
+    return f"latents-{rank:05d}-of-{world:05d}.safetensors"
+
+
+@torch.no_grad()
+def encode_shard(dataset, vae, indices: list[int], batch_size: int, flip_variants: bool, progress: bool = False):
+    """Encode ``indices`` of an image dataset: returns tensors for one cache shard and a skip count."""
+    from tqdm.auto import tqdm
+
+    from .autoencoders import encode_images
+
+    kept, means, stds, skipped = [], [], [], 0
+    variants = (False, True) if flip_variants else (False,)
+    for start in tqdm(range(0, len(indices), batch_size), desc="encoding latents", disable=not progress):
+        chunk = indices[start : start + batch_size]
+        for flip in variants:
+            images = [dataset.load(i, flip=flip) for i in chunk]
+            ok = [(i, im) for i, im in zip(chunk, images) if im is not None]
+            if not flip:
+                skipped += len(chunk) - len(ok)
+                kept += [i for i, _ in ok]
+            if ok:
+                post = encode_images(vae, torch.stack([im for _, im in ok]).to(next(vae.parameters()).device))
+                means.append((flip, post.mean.cpu()))
+                stds.append((flip, post.std.cpu()))
+    out = {"index": torch.tensor(kept, dtype=torch.long)}
+    for flip in variants:
+        suffix = "_flip" if flip else ""
+        m = [t for f, t in means if f == flip]
+        s = [t for f, t in stds if f == flip]
+        out["mean" + suffix] = torch.cat(m) if m else torch.empty(0)
+        out["std" + suffix] = torch.cat(s) if s else torch.empty(0)
+    return out, skipped
+
+
+def write_cache_shard(cache_dir: str, tensors: dict, rank: int, world: int) -> str:
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, shard_name(rank, world))
+    _atomic_save(tensors, path)
+    return path
+
+
+def write_cache_meta(cache_dir: str, meta: CacheMeta) -> None:
+    _atomic_write_json(asdict(meta), os.path.join(cache_dir, CACHE_META))
+
+
+def read_cache_meta(cache_dir: str) -> CacheMeta | None:
+    path = os.path.join(cache_dir, CACHE_META)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return CacheMeta(**json.load(f))
+
+
+def check_cache(cache_dir: str, expected: CacheMeta) -> None:
+    """Refuse a cache made from another VAE, scaling, resolution, crop or dataset."""
+    meta = read_cache_meta(cache_dir)
+    if meta is None:
+        raise ValueError(f"{cache_dir} is not a complete latent cache (no {CACHE_META})")
+    bad = meta.mismatches(expected)
+    if bad:
+        detail = ", ".join(f"{k}: cache has {_lookup(meta, k)!r}, run needs {_lookup(expected, k)!r}" for k in bad)
+        raise ValueError(f"latent cache {cache_dir} does not match this run ({detail}); delete it or use another --latent_cache_dir")
+
+
+def _lookup(meta: CacheMeta, key: str):
+    if key.startswith("vae."):
+        return meta.vae.get(key[4:])
+    return getattr(meta, key)
+
+
+class LatentCacheDataset(Dataset):
+    """Cached posteriors keyed by dataset index. Items hold ``mean`` and ``std`` (and their flipped
+    variants), so each training step draws a fresh latent and a fresh flip choice."""
+
+    def __init__(self, cache_dir: str, expected: CacheMeta | None = None):
+        if expected is not None:
+            check_cache(cache_dir, expected)
+        self.meta = read_cache_meta(cache_dir)
+        if self.meta is None:
+            raise ValueError(f"{cache_dir} is not a complete latent cache (no {CACHE_META})")
+        shards = sorted(f for f in os.listdir(cache_dir) if f.startswith("latents-") and f.endswith(".safetensors"))
+        if not shards:
+            raise ValueError(f"latent cache {cache_dir} has no shards")
+        parts = [load_file(os.path.join(cache_dir, f)) for f in shards]
+        index = torch.cat([p["index"] for p in parts])
+        order = index.argsort()
+        self.index = index[order]
+        self.tensors = {k: torch.cat([p[k] for p in parts])[order] for k in parts[0] if k != "index"}
+        if len(self.index) == 0:
+            raise ValueError(f"latent cache {cache_dir} holds no latents")
+        self.deterministic = all(not bool(self.tensors[k].any()) for k in self.tensors if k.startswith("std"))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"index": int(self.index[i])}
+        item.update({k: v[i] for k, v in self.tensors.items()})
+        return item

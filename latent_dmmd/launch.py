@@ -1,0 +1,58 @@
+"""Several CPU processes from ``accelerate launch --num_processes N --cpu``.
+
+Without MPI, ``accelerate launch --cpu`` starts a single process whatever ``--num_processes``
+says (it expects ``mpirun`` to multiply it). This module notices that situation and starts
+the N gloo processes itself with ``torch.distributed.run`` (torchrun), so the documented
+command does what it says.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+
+logger = logging.getLogger(__name__)
+
+_DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def requested_cpu_processes(parent_cmdline: list[str]) -> int:
+    """``--num_processes`` of an ``accelerate launch ... --cpu`` command line (1 if absent)."""
+    if "launch" not in parent_cmdline or "--cpu" not in parent_cmdline:
+        return 1
+    for i, arg in enumerate(parent_cmdline):
+        if arg == "--num_processes" and i + 1 < len(parent_cmdline):
+            return int(parent_cmdline[i + 1])
+        if arg.startswith("--num_processes="):
+            return int(arg.split("=", 1)[1])
+    return 1
+
+
+def _parent_cmdline() -> list[str]:
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            return [a.decode() for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def maybe_relaunch_on_cpus(script: str, argv: list[str]) -> None:
+    """If this process is the lone child of ``accelerate launch --cpu --num_processes N`` (N > 1),
+    replace it by N torchrun-managed CPU processes running the same script and arguments."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes"):
+        return
+    if any(name in os.environ for name in _DISTRIBUTED_ENV):
+        return  # already one of several processes
+    n = requested_cpu_processes(_parent_cmdline())
+    if n <= 1:
+        return
+    port = os.environ.get("MASTER_PORT", "29500")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={port}",
+           script, *argv]  # fmt: skip
+    logger.warning("accelerate launch --cpu starts one process without MPI; starting %d CPU processes: %s",
+                   n, shlex.join(cmd))  # fmt: skip
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or n) // n)))
+    sys.stdout.flush()
+    os.execv(sys.executable, cmd)

@@ -1,0 +1,681 @@
+"""Training DMMD discriminators with accelerate, in pixel or VAE-latent space (method §3-4).
+
+``scripts/train_latent.py`` only calls ``main()``; the pieces live here so they can be
+tested and reused: the config (one source of truth for every flag), the keyed training
+step, atomic checkpoints, the cross-process reference statistics and the final export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field, fields
+
+import torch
+import yaml
+
+from .mmd import dmmd_loss
+from .seeding import keyed_generator, keyed_rand, keyed_randn
+
+logger = logging.getLogger("latent_dmmd.training")
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _f(default, help, **kw):  # noqa: A002 - a field with its help text
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Every training option; YAML keys and CLI flags use these names (diffusers' where they exist).
+
+    ``None`` for a model or scheduler option means the default of ``DMMDDiscriminator`` /
+    ``DMMDScheduler``: the defaults are defined there once, never restated here.
+    """
+
+    # run
+    output_dir: str = _f("outputs/dmmd", "folder for checkpoints, logs, validation grids and the final pipeline")
+    seed: int = _f(0, "seed of every random draw (keyed by step and sample, so runs are process-count independent)")
+    dry_run: bool = _f(False, "print the resolved config and exit")
+    # data
+    train_data_dir: str | None = _f(None, "image folder (recursive png/jpg) or IDX file/folder")
+    dataset_name: str | None = _f(None, "Hugging Face dataset: a save_to_disk folder or a cached Hub name")
+    dataset_split: str = _f("train", "split of --dataset_name")
+    image_column: str = _f("image", "image column of --dataset_name")
+    resolution: int = _f(32, "image resolution (square) fed to the VAE or, in pixel space, to the discriminator")
+    center_crop: bool = _f(True, "center crop (else random crop) after resizing the shorter side")
+    random_flip: bool = _f(False, "random horizontal flips (latent space: needs --flip_variants in the cache)")
+    channels: int = _f(3, "image channels in pixel space (1 for grayscale data such as Fashion-MNIST)")
+    first_index: int = _f(0, "first image of the data to use (for a fixed train/held-out split)")
+    max_train_samples: int | None = _f(None, "use at most this many images, starting at --first_index")
+    dataloader_num_workers: int = _f(0, "dataloader worker processes")
+    # autoencoder
+    pretrained_vae: str | None = _f(None, "diffusers autoencoder (Hub id or folder) or a TAEF2 folder; none: pixel space")
+    vae_subfolder: str | None = _f(None, "subfolder of --pretrained_vae holding the autoencoder")
+    vae_revision: str | None = _f(None, "revision of --pretrained_vae")
+    latent_cache_dir: str | None = _f(None, "latent cache folder (default: <output_dir>/latent_cache)")
+    flip_variants: bool = _f(False, "also cache latents of horizontally flipped images")
+    encode_batch_size: int = _f(16, "images per VAE encode call when caching latents")
+    # discriminator (None: DMMDDiscriminator's default)
+    block_out_channels: list[int] | None = _f(None, "UNet block widths", nargs="+", type=int)
+    layers_per_block: int | None = _f(None, "resnet layers per UNet block")
+    down_block_types: list[str] | None = _f(None, "UNet down block types", nargs="+")
+    up_block_types: list[str] | None = _f(None, "UNet up block types", nargs="+")
+    attention_head_dim: int | None = _f(None, "attention head dimension")
+    norm_num_groups: int | None = _f(None, "GroupNorm groups")
+    pool_size: int | None = _f(None, "average-pool the UNet output to pool_size^2 cells per channel")
+    projection_dim: int | None = _f(None, "learned linear projection of the features to this size")
+    gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
+    # scheduler (None: DMMDScheduler's default)
+    beta_schedule: str | None = _f(None, "forward process: linear, scaled_linear or squaredcos_cap_v2")
+    num_inference_steps: int | None = _f(None, "T: noise levels of the sampling grid (statistics are stored for it)")
+    flow_steps_per_level: int | None = _f(None, "N_s: flow steps per level when sampling")
+    step_size: float | None = _f(None, "flow step size eta")
+    step_size_schedule: str | None = _f(None, "constant, sigma2 or rms")
+    t_min: int | None = _f(None, "lowest level of the sampling grid")
+    timestep_spacing: str | None = _f(None, "sampling grid spacing: linear or log_snr")
+    particle_mean: str | None = _f(None, "ensemble or forward_marginal")
+    train_timestep_sampling: str | None = _f(None, "uniform, log_snr or grid")
+    # loss
+    group_size: int = _f(16, "samples per noise-level group (each group's MMD uses this many pairs)")
+    lambda_l2: float = _f(1e-3, "weight of the l2 regulariser")
+    lambda_gp: float = _f(1.0, "weight of the gradient penalty")
+    l2_mode: str = _f("feature", "l2 reading: feature (mean squared feature norm) or witness")
+    gp_target: float = _f(1.0, "target norm of the witness gradient in the penalty")
+    # optimisation
+    train_batch_size: int = _f(64, "samples per process per micro-batch (a multiple of --group_size)")
+    max_train_steps: int = _f(1000, "optimizer steps")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    learning_rate: float = _f(1e-4, "AdamW learning rate")
+    lr_scheduler: str = _f("constant", "diffusers LR schedule: constant, constant_with_warmup, cosine, linear, ...")
+    lr_warmup_steps: int = _f(0, "LR warmup steps")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
+    mixed_precision: str = _f("no", "no or bf16 (CPU and GPU); fp16 needs CUDA")
+    use_ema: bool = _f(True, "keep an EMA of the weights (used for sampling and statistics)")
+    ema_decay: float = _f(0.999, "EMA decay")
+    max_bad_steps: int = _f(10, "stop after this many consecutive steps with NaN/inf loss or gradients")
+    # checkpoints and logs
+    checkpointing_steps: int = _f(500, "save training state every N steps")
+    checkpoints_total_limit: int | None = _f(None, "keep at most N checkpoints (older ones pruned after a save)")
+    resume_from_checkpoint: str | None = _f(None, "a checkpoint folder, or 'latest'")
+    report_to: str = _f("tensorboard", "tensorboard, wandb, all or none")
+    logging_dir: str = _f("logs", "log folder inside output_dir")
+    log_every: int = _f(10, "log metrics every N steps")
+    validation_steps: int | None = _f(None, "write a sample grid every N steps (none: only at the end)")
+    num_validation_images: int = _f(16, "images in a validation grid")
+    # reference statistics
+    reference_max_samples: int | None = _f(None, "data samples behind m_P and m_Pt (default: the whole training set)")
+    reference_batch_size: int = _f(64, "batch size for the reference statistics")
+    # sharing
+    push_to_hub: bool = _f(False, "upload the final pipeline folder to the Hub")
+    hub_model_id: str | None = _f(None, "Hub repo id for --push_to_hub")
+    hub_private: bool = _f(False, "create the Hub repo as private")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def latent(self) -> bool:
+        return self.pretrained_vae is not None
+
+    @property
+    def cache_dir(self) -> str:
+        return self.latent_cache_dir or os.path.join(self.output_dir, "latent_cache")
+
+    def model_kwargs(self) -> dict:
+        keys = ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "attention_head_dim",
+                "norm_num_groups", "pool_size", "projection_dim")  # fmt: skip
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+    def scheduler_kwargs(self) -> dict:
+        keys = ("beta_schedule", "num_inference_steps", "flow_steps_per_level", "step_size", "step_size_schedule",
+                "t_min", "timestep_spacing", "particle_mean", "train_timestep_sampling")  # fmt: skip
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+    def validate(self) -> None:
+        """Refuse inconsistent settings before any work is done."""
+        if self.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ValueError("--mixed_precision fp16 needs a CUDA GPU; on this machine use bf16 or no")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"--mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.group_size < 2 or self.train_batch_size % self.group_size:
+            raise ValueError(
+                f"--train_batch_size {self.train_batch_size} must be a multiple of --group_size {self.group_size} (>= 2)"
+            )
+        if not (self.train_data_dir or self.dataset_name):
+            raise ValueError("give --train_data_dir or --dataset_name")
+        if self.random_flip and self.latent and not self.flip_variants:
+            raise ValueError("--random_flip in latent space needs --flip_variants (flipped latents are cached)")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id")
+        for name in ("max_train_steps", "gradient_accumulation_steps", "checkpointing_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1")
+
+
+# ---------------------------------------------------------------------------- config parsing
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _field_type(f: dataclasses.Field):
+    text = str(f.type)
+    if "bool" in text:
+        return _parse_bool
+    if text.startswith("int"):
+        return int
+    if text.startswith("float"):
+        return float
+    return str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a DMMD discriminator (pixel or latent space). Flags override the YAML --config.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML file whose keys are the flag names below")
+    for f in fields(TrainConfig):
+        meta = dict(f.metadata)
+        kwargs = {"help": meta.pop("help"), "default": argparse.SUPPRESS}
+        if "nargs" in meta:
+            kwargs.update(nargs=meta["nargs"], type=meta.get("type", str))
+        elif f.type in ("bool",) or str(f.type) == "bool":
+            kwargs.update(nargs="?", const=True, type=_parse_bool)
+        else:
+            kwargs["type"] = _field_type(f)
+        kwargs["help"] += f" (default: {f.default})"
+        parser.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def load_config(argv: list[str] | None = None) -> TrainConfig:
+    """YAML config, then CLI overrides; unknown YAML keys are an error naming the key."""
+    args = vars(build_parser().parse_args(argv))
+    values: dict = {}
+    config_path = args.pop("config", None)
+    if config_path:
+        with open(config_path) as f:
+            values = yaml.safe_load(f) or {}
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) in {config_path}: {', '.join(unknown)}")
+    values.update(args)
+    config = TrainConfig(**values)
+    config.validate()
+    return config
+
+
+def resolved_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------- the training step
+
+
+def training_batch(batch: dict, config: TrainConfig, step: int, micro: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean samples ``x0`` and dataset indices of one micro-batch (latents drawn from the cache)."""
+    index = batch["index"]
+    if "pixel_values" in batch:
+        return batch["pixel_values"].to(device), index
+    flip = None
+    if config.random_flip:
+        flip = keyed_rand([(config.seed, "flip", step, micro, int(i)) for i in index]) < 0.5
+    mean, std = batch["mean"], batch["std"]
+    if flip is not None:
+        view = (-1, 1, 1, 1)
+        mean = torch.where(flip.view(view), batch["mean_flip"], mean)
+        std = torch.where(flip.view(view), batch["std_flip"], std)
+    if bool(std.any()):
+        eps = keyed_randn([(config.seed, "latent", step, micro, int(i)) for i in index], mean.shape[1:])
+        mean = mean + std * eps
+    return mean.to(device), index
+
+
+def dmmd_step_loss(model, scheduler, x0: torch.Tensor, index: torch.Tensor, config: TrainConfig, step: int, micro: int):
+    """The DMMD loss of one micro-batch with randomness keyed by (seed, step, sample index).
+
+    Samples are grouped in consecutive runs of ``group_size``; a trailing partial group (only
+    possible after skipped images) is dropped. Returns ``None`` when no full group is left.
+    """
+    size = config.group_size
+    groups = x0.shape[0] // size
+    if groups == 0:
+        return None
+    x0, index = x0[: groups * size], index[: groups * size]
+    keys = [int(i) for i in index]
+    s, m = config.seed, micro
+    t_group = torch.cat(
+        [scheduler.sample_training_timesteps(1, keyed_generator(s, "t", step, m, keys[g * size])) for g in range(groups)]
+    )
+    t = t_group.repeat_interleave(size).to(x0.device)
+    eps = keyed_randn([(s, "eps", step, m, k) for k in keys], x0.shape[1:], device=x0.device, dtype=x0.dtype)
+    u = keyed_rand([(s, "u", step, m, k) for k in keys], device=x0.device, dtype=x0.dtype)
+    xt = scheduler.add_noise(x0, eps, t)
+    return dmmd_loss(
+        model, x0, xt, t, groups, lambda_l2=config.lambda_l2, lambda_gp=config.lambda_gp,
+        l2_mode=config.l2_mode, gp_target=config.gp_target, interpolation=u,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints (``checkpoint-N`` folders; temporary ones are ignored), oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_RE.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None) -> str:
+    """Save the training state to a temporary folder, rename it into place, then prune.
+
+    A crash at any point leaves either the previous checkpoints intact plus a stray temporary
+    folder (ignored and cleaned on the next save) or the new complete checkpoint.
+    """
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
+    if accelerator.is_main_process and os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if total_limit is not None:
+            for _, old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+        for name in os.listdir(output_dir):
+            if name.startswith(".tmp-checkpoint-") and name != os.path.basename(tmp):
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(config: TrainConfig) -> tuple[int, str | None]:
+    """``(step, folder)`` to resume from; ``latest`` picks the newest complete checkpoint."""
+    if not config.resume_from_checkpoint:
+        return 0, None
+    if config.resume_from_checkpoint == "latest":
+        found = list_checkpoints(config.output_dir)
+        if not found:
+            logger.info("no checkpoint in %s: starting from scratch", config.output_dir)
+            return 0, None
+        return found[-1]
+    path = config.resume_from_checkpoint
+    match = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
+    if not match or not os.path.isdir(path):
+        raise ValueError(f"--resume_from_checkpoint {path}: not a checkpoint-N folder")
+    return int(match.group(1)), path
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+@torch.no_grad()
+def distributed_reference_statistics(accelerator, model, dataset, scheduler, config: TrainConfig, collate):
+    """``m_P``/``m_Pt`` over the training data, each process on its own slice, reduced by sum.
+
+    Noise is keyed by (seed, level, sample index), so the result equals one process doing it all.
+    """
+    from .reference import compute_reference_statistics
+
+    n = len(dataset) if config.reference_max_samples is None else min(len(dataset), config.reference_max_samples)
+    mine = list(range(accelerator.process_index, n, accelerator.num_processes))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, mine), batch_size=config.reference_batch_size, collate_fn=collate
+    )
+    scheduler.set_timesteps(scheduler.config.num_inference_steps)
+
+    def batches():
+        for batch in loader:
+            if not len(batch.get("index", [])):
+                continue
+            x0, index = training_batch(batch, config, -1, 0, accelerator.device)
+            yield x0, [(config.seed, "reference", int(i)) for i in index]
+
+    return compute_reference_statistics(
+        model, batches(), scheduler.timesteps, scheduler.alphas_cumprod,
+        reduce=lambda x: accelerator.reduce(x, reduction="sum"), progress=accelerator.is_local_main_process,
+    )  # fmt: skip
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None):
+    """(N, C, H, W) in [-1, 1] -> one PIL image grid."""
+    import numpy as np
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    nrow = nrow or int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / nrow))
+    grid = torch.ones(c, rows * h, nrow * w)
+    for k in range(n):
+        r, q = divmod(k, nrow)
+        grid[:, r * h : (r + 1) * h, q * w : (q + 1) * w] = (images[k].float().clamp(-1, 1) + 1) / 2
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(arr[..., 0] if c == 1 else arr[..., :3])
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def _image_dataset(config: TrainConfig):
+    from .data import build_image_dataset
+
+    return build_image_dataset(
+        train_data_dir=config.train_data_dir, dataset_name=config.dataset_name, resolution=config.resolution,
+        center_crop=config.center_crop, random_flip=config.random_flip and not config.latent,
+        channels=3 if config.latent else config.channels, split=config.dataset_split,
+        image_column=config.image_column, max_train_samples=config.max_train_samples, first_index=config.first_index,
+    )  # fmt: skip
+
+
+def prepare_latents(accelerator, config: TrainConfig):
+    """Make sure the latent cache for this run exists (encoding split across processes) and
+    return ``(LatentCacheDataset, vae_identity)``. The VAE is freed before training."""
+    from .autoencoders import check_latent_scale, load_autoencoder, vae_identity
+    from .data import CacheMeta, LatentCacheDataset, check_cache, encode_shard, read_cache_meta, write_cache_meta
+    from .data import write_cache_shard
+
+    images = _image_dataset(config)
+    vae = load_autoencoder(config.pretrained_vae, config.vae_subfolder, config.vae_revision).to(accelerator.device)
+    identity = vae_identity(vae, config.pretrained_vae)
+    source = getattr(images, "source", config.train_data_dir or config.dataset_name)
+    expected = CacheMeta(
+        vae=identity, resolution=config.resolution, center_crop=config.center_crop,
+        dataset=f"{source}[{config.first_index}:{config.first_index + len(images)}]", count=len(images),
+        flip_variants=config.flip_variants, latent_shape=[],
+    )  # fmt: skip
+    cache = config.cache_dir
+    if read_cache_meta(cache) is not None:
+        check_cache(cache, expected)
+        logger.info("using the latent cache in %s", cache)
+    else:
+        start = time.time()
+        rank, world = accelerator.process_index, accelerator.num_processes
+        mine = list(range(rank, len(images), world))
+        tensors, skipped = encode_shard(
+            images, vae, mine, config.encode_batch_size, config.flip_variants, progress=accelerator.is_local_main_process
+        )
+        write_cache_shard(cache, tensors, rank, world)
+        skipped = int(accelerator.reduce(torch.tensor([skipped], device=accelerator.device), "sum").item())
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            expected.latent_shape = list(tensors["mean"].shape[1:])
+            expected.count = len(images)
+            write_cache_meta(cache, expected)
+            seconds = time.time() - start
+            logger.info("encoded %d images in %.1f s (%.2f img/s over %d processes); skipped %d unreadable",
+                        len(images) - skipped, seconds, (len(images) - skipped) / max(seconds, 1e-9), world, skipped)  # fmt: skip
+        accelerator.wait_for_everyone()
+    del vae
+    dataset = LatentCacheDataset(cache)
+    if accelerator.is_main_process:
+        check_latent_scale(dataset.tensors["mean"][:512])
+    return dataset, identity
+
+
+def build_models(config: TrainConfig, sample_size: int, in_channels: int):
+    from .models import DMMDDiscriminator
+    from .schedulers import DMMDScheduler
+
+    model = DMMDDiscriminator(sample_size=sample_size, in_channels=in_channels, **config.model_kwargs())
+    scheduler = DMMDScheduler(**config.scheduler_kwargs())
+    return model, scheduler
+
+
+def main(argv: list[str] | None = None) -> str | None:
+    """Train, checkpoint, and export a pipeline folder; returns its path (None for --dry_run)."""
+    config = load_config(argv)
+    if config.dry_run:
+        print(resolved_yaml(config))
+        return None
+
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    from .data import collate_skipping
+
+    report_to = None if config.report_to == "none" else config.report_to
+    if report_to in ("tensorboard", "all"):
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            logger.warning("tensorboard is not installed (pip install tensorboard): logging to the console only")
+            report_to = None
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(
+            project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, config.logging_dir)
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(level=logging.INFO if accelerator.is_local_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    set_seed(config.seed)
+    if accelerator.is_main_process:
+        os.makedirs(config.output_dir, exist_ok=True)
+        with open(os.path.join(config.output_dir, "config.yaml"), "w") as f:
+            f.write(resolved_yaml(config))
+    start = time.time()
+
+    # ---- data: cached latents (VAE freed afterwards) or pixels
+    vae_id = None
+    if config.latent:
+        dataset, vae_id = prepare_latents(accelerator, config)
+        sample_shape = tuple(dataset.tensors["mean"].shape[1:])
+    else:
+        dataset = _image_dataset(config)
+        probe = next(item for item in (dataset[i] for i in range(len(dataset))) if item is not None)
+        sample_shape = tuple(probe["pixel_values"].shape)
+    model, scheduler = build_models(config, sample_shape[-1], sample_shape[0])
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=config.train_batch_size, shuffle=True, drop_last=True,
+        num_workers=config.dataloader_num_workers, collate_fn=collate_skipping,
+        generator=torch.Generator().manual_seed(config.seed),
+    )  # fmt: skip
+    if len(loader) == 0:
+        raise ValueError(f"{len(dataset)} training samples are fewer than one batch of {config.train_batch_size}")
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
+    )  # fmt: skip
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=config.max_train_steps * accelerator.num_processes,
+    )  # fmt: skip
+    ema = EMAModel(model.parameters(), decay=config.ema_decay) if config.use_ema else None
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    global_step, resume_path = resolve_resume(config)
+    if resume_path:
+        accelerator.load_state(resume_path)
+        logger.info("resumed from %s (step %d)", resume_path, global_step)
+    if accelerator.is_main_process and report_to:
+        accelerator.init_trackers("latent_dmmd", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
+
+    steps_per_epoch = max(1, len(loader) // config.gradient_accumulation_steps)
+    bar = tqdm(total=config.max_train_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process)
+    skipped_images = bad_in_a_row = bad_total = 0
+    micro = 0
+    while global_step < config.max_train_steps:
+        epoch = global_step // steps_per_epoch
+        loader.set_epoch(epoch)
+        done_in_epoch = global_step - epoch * steps_per_epoch
+        batches = accelerator.skip_first_batches(loader, done_in_epoch * config.gradient_accumulation_steps) if done_in_epoch else loader
+        for batch in batches:
+            skipped_images += int(batch.get("skipped", 0))
+            with accelerator.accumulate(model):
+                x0, index = training_batch(batch, config, global_step, micro, accelerator.device)
+                out = dmmd_step_loss(model, scheduler, x0, index, config, global_step, micro)
+                # every process must agree to skip, or DDP would wait for a backward that never comes
+                finite = torch.tensor([0.0 if out is None or not torch.isfinite(out.loss) else 1.0], device=accelerator.device)
+                if accelerator.reduce(finite, "sum").item() == accelerator.num_processes:
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    grads_ok = all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+                else:
+                    grads_ok = False
+                if grads_ok:
+                    optimizer.step()
+                    lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue
+            micro = 0
+            if not grads_ok:
+                bad_in_a_row += 1
+                bad_total += 1
+                logger.warning("step %d: NaN/inf loss or gradients, update skipped (%d in a row)", global_step, bad_in_a_row)
+                if bad_in_a_row >= config.max_bad_steps:
+                    raise RuntimeError(
+                        f"{bad_in_a_row} consecutive steps with NaN/inf loss or gradients; stopping. The last good "
+                        f"checkpoint in {config.output_dir} is untouched: lower --learning_rate or resume from it"
+                    )
+                continue
+            bad_in_a_row = 0
+            if ema is not None:
+                ema.step(model.parameters())
+            global_step += 1
+            bar.update(1)
+            if global_step % config.log_every == 0:
+                logs = {"loss": out.loss.item(), "mmd2": out.mmd2.item(), "l2": out.l2.item(),
+                        "gradient_penalty": out.gradient_penalty.item(), "feature_norm": out.feature_norm.item(),
+                        "lr": lr_scheduler.get_last_lr()[0]}  # fmt: skip
+                bar.set_postfix(loss=f"{logs['loss']:.4g}", mmd2=f"{logs['mmd2']:.3g}")
+                accelerator.log(logs, step=global_step)
+            if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps:
+                save_checkpoint(accelerator, config.output_dir, global_step, config.checkpoints_total_limit)
+            if config.validation_steps and global_step % config.validation_steps == 0:
+                validate(accelerator, model, ema, scheduler, dataset, config, global_step)
+            if global_step >= config.max_train_steps:
+                break
+    bar.close()
+    skipped_images = int(accelerator.reduce(torch.tensor([skipped_images], device=accelerator.device), "sum").item())
+    if skipped_images:
+        logger.warning("skipped %d unreadable images during training", skipped_images)
+
+    path = export_pipeline(accelerator, model, ema, scheduler, dataset, config, vae_id,
+                           {"train_seconds": round(time.time() - start, 1), "skipped_images": skipped_images,
+                            "bad_steps": bad_total, "num_processes": accelerator.num_processes})  # fmt: skip
+    accelerator.end_training()
+    return path
+
+
+def _ema_model(accelerator, model, ema):
+    """A copy of the discriminator holding the EMA weights (the training model is untouched)."""
+    import copy
+
+    unwrapped = accelerator.unwrap_model(model)
+    shadow = copy.deepcopy(unwrapped)
+    if ema is not None:
+        ema.copy_to(shadow.parameters())
+    return shadow.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def validate(accelerator, model, ema, scheduler, dataset, config: TrainConfig, step: int):
+    """Sample a grid with the EMA weights and statistics from a small data subset."""
+    from .data import collate_skipping
+    from .pipelines import DMMDPipeline
+    from .reference import compute_reference_statistics
+
+    if not accelerator.is_main_process:
+        return
+    disc = _ema_model(accelerator, model, ema)
+    scheduler.set_timesteps(scheduler.config.num_inference_steps)
+    subset = torch.utils.data.Subset(dataset, range(min(len(dataset), 256)))
+    loader = torch.utils.data.DataLoader(subset, batch_size=config.reference_batch_size, collate_fn=collate_skipping)
+    batches = (training_batch(b, config, -1, 0, accelerator.device)[0] for b in loader if len(b.get("index", [])))
+    disc.set_reference_statistics(
+        compute_reference_statistics(disc, batches, scheduler.timesteps, scheduler.alphas_cumprod,
+                                     generator=torch.Generator().manual_seed(config.seed))  # fmt: skip
+    )
+    vae = None
+    if config.latent:
+        from .autoencoders import load_autoencoder
+
+        vae = load_autoencoder(config.pretrained_vae, config.vae_subfolder, config.vae_revision).to(accelerator.device)
+    pipe = DMMDPipeline(disc, scheduler, vae=vae)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(num_images=config.num_validation_images, generator=torch.Generator().manual_seed(config.seed),
+                  output_type="pt").images  # fmt: skip
+    grid = make_grid(images * 2 - 1)
+    folder = os.path.join(config.output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    grid.save(os.path.join(folder, f"step-{step:06d}.png"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC" if grid.mode == "RGB" else "HW")
+
+
+def export_pipeline(accelerator, model, ema, scheduler, dataset, config: TrainConfig, vae_id, run_info: dict):
+    """Compute reference statistics over the training set with the EMA weights (all
+    processes, reduced) and write ``<output_dir>/pipeline`` with ``save_pretrained``."""
+    from .data import collate_skipping
+    from .pipelines import DMMDPipeline
+
+    disc = _ema_model(accelerator, model, ema)
+    stats = distributed_reference_statistics(accelerator, disc, dataset, scheduler, config, collate_skipping)
+    folder = os.path.join(config.output_dir, "pipeline")
+    if accelerator.is_main_process:
+        disc.set_reference_statistics(stats)
+        vae = None
+        if config.latent:
+            from .autoencoders import load_autoencoder
+
+            vae = load_autoencoder(config.pretrained_vae, config.vae_subfolder, config.vae_revision)
+        pipe = DMMDPipeline(disc.to("cpu"), scheduler, vae=vae)
+        pipe.save_pretrained(folder)
+        from .hub import write_model_card
+
+        run_info = run_info | {"reference_count": stats.count, "vae": vae_id}
+        write_model_card(folder, config, run_info)
+        with open(os.path.join(config.output_dir, "training_summary.json"), "w") as f:
+            json.dump(run_info, f, indent=2)
+        logger.info("wrote the pipeline to %s (statistics over %d samples)", folder, stats.count)
+        if config.push_to_hub:
+            pipe.push_to_hub(config.hub_model_id, private=config.hub_private)
+    accelerator.wait_for_everyone()
+    return folder

@@ -1,0 +1,155 @@
+"""Datasets, transforms, IDX files and the latent cache."""
+
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latent_dmmd.autoencoders import vae_identity
+from latent_dmmd.data import (
+    CacheMeta,
+    ImageFolderDataset,
+    ImageTransform,
+    LatentCacheDataset,
+    build_image_dataset,
+    check_cache,
+    collate_skipping,
+    encode_shard,
+    read_idx,
+    write_cache_meta,
+    write_cache_shard,
+)
+
+from .conftest import write_image_folder
+
+
+def test_transform_converts_modes_and_sizes():
+    t = ImageTransform(8)
+    gray = t(Image.fromarray(np.full((20, 10), 200, np.uint8), mode="L"))
+    assert gray.shape == (3, 8, 8) and torch.allclose(gray, torch.full_like(gray, 200 / 127.5 - 1), atol=1e-6)
+    rgba = np.zeros((8, 8, 4), np.uint8)  # fully transparent black -> white background
+    assert torch.allclose(t(Image.fromarray(rgba, mode="RGBA")), torch.ones(3, 8, 8))
+    sixteen = Image.fromarray(np.full((8, 8), 65535, np.uint16))
+    assert torch.allclose(t(sixteen), torch.ones(3, 8, 8))
+    tiny = t(Image.fromarray(np.zeros((2, 3, 3), np.uint8)))  # 3x2 image is upscaled, then cropped
+    assert tiny.shape == (3, 8, 8)
+    one = ImageTransform(8, channels=1)(Image.fromarray(np.zeros((8, 8, 3), np.uint8)))
+    assert one.shape == (1, 8, 8)
+
+
+def test_center_crop_and_flip():
+    arr = np.zeros((8, 16, 3), np.uint8)
+    arr[:, :8] = 255  # left half white
+    img = Image.fromarray(arr)
+    plain = ImageTransform(8)(img, flip=False)
+    flipped = ImageTransform(8)(img, flip=True)
+    assert torch.equal(plain.flip(-1), flipped)
+    assert plain[:, :, :4].mean() > 0.9 and plain[:, :, 4:].mean() < -0.9  # centre crop straddles the edge
+
+
+def test_folder_is_recursive_and_skips_unreadable_files(tmp_path):
+    write_image_folder(tmp_path, n=6, corrupt=1)
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    good = tmp_path / "part0" / "img000.png"
+    (tmp_path / "truncated.png").write_bytes(good.read_bytes()[:60])
+    ds = ImageFolderDataset(str(tmp_path), ImageTransform(8))
+    assert len(ds) == 9  # 6 good + broken jpg + empty png + truncated png; notes.txt is ignored
+    batch = collate_skipping([ds[i] for i in range(len(ds))])
+    assert batch["skipped"] == 3 and batch["pixel_values"].shape == (6, 3, 8, 8)
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no images"):
+        ImageFolderDataset(str(tmp_path), ImageTransform(8))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        ImageFolderDataset(str(tmp_path / "missing"), ImageTransform(8))
+
+
+def test_dataloader_workers_survive_bad_files(tmp_path):
+    write_image_folder(tmp_path, n=4, corrupt=2)
+    ds = ImageFolderDataset(str(tmp_path), ImageTransform(8))
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, collate_fn=collate_skipping)
+    batches = list(loader)
+    assert sum(b["skipped"] for b in batches) == 2
+    assert sum(len(b.get("index", [])) for b in batches) == 4
+
+
+def test_split_by_index_range(tmp_path):
+    paths = write_image_folder(tmp_path, n=6)
+    ds = build_image_dataset(str(tmp_path), resolution=8, first_index=2, max_train_samples=3)
+    assert ds.files == sorted(paths)[2:5]
+
+
+def write_idx(path, images: np.ndarray):
+    with open(path, "wb") as f:
+        f.write(struct.pack(">HBB", 0, 8, images.ndim) + struct.pack(">" + "I" * images.ndim, *images.shape))
+        f.write(images.tobytes())
+
+
+def test_idx_reader_and_dataset(tmp_path):
+    imgs = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "train-images-idx3-ubyte", imgs)
+    assert np.array_equal(read_idx(str(tmp_path / "train-images-idx3-ubyte")), imgs)
+    ds = build_image_dataset(str(tmp_path), resolution=32, channels=1)
+    assert len(ds) == 5 and ds[0]["pixel_values"].shape == (1, 32, 32)
+    (tmp_path / "bad-images-idx3-ubyte").write_bytes((tmp_path / "train-images-idx3-ubyte").read_bytes()[:100])
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(str(tmp_path / "bad-images-idx3-ubyte"))
+
+
+def _meta(vae, **over):
+    base = dict(vae=vae_identity(vae, "tiny"), resolution=8, center_crop=True, dataset="d[0:6]", count=6,
+                flip_variants=True, latent_shape=[])  # fmt: skip
+    return CacheMeta(**(base | over))
+
+
+def test_latent_cache_round_trip_and_refusal(tmp_path):
+    from diffusers import AutoencoderKL
+
+    write_image_folder(tmp_path / "imgs", n=6, corrupt=1)
+    ds = ImageFolderDataset(str(tmp_path / "imgs"), ImageTransform(8))
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=2)
+    cache = str(tmp_path / "cache")
+    # two "processes" each encode their own slice
+    for rank in (0, 1):
+        tensors, skipped = encode_shard(ds, vae, list(range(rank, len(ds), 2)), 2, flip_variants=True)
+        write_cache_shard(cache, tensors, rank, 2)
+    write_cache_meta(cache, _meta(vae, count=len(ds)))
+    assert not [f for f in os.listdir(cache) if f.startswith(".tmp")]
+    cached = LatentCacheDataset(cache, _meta(vae, count=len(ds)))
+    assert len(cached) == 6 and cached.index.tolist() == sorted(cached.index.tolist())
+    item = cached[0]
+    assert item["mean"].shape == (2, 8, 8) and item["std"].gt(0).all() and "mean_flip" in item
+    # the cached mean equals a fresh encode of the same image
+    from latent_dmmd.autoencoders import encode_images
+
+    fresh = encode_images(vae, ds.load(item["index"])[None]).mean[0]
+    assert torch.allclose(item["mean"], fresh, atol=1e-5)
+
+    with pytest.raises(ValueError, match="resolution: cache has 8, run needs 16"):
+        check_cache(cache, _meta(vae, count=len(ds), resolution=16))
+    other = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=2, scaling_factor=0.3)
+    with pytest.raises(ValueError, match="vae.scaling_factor.*vae.weights_sha256"):
+        check_cache(cache, _meta(other, count=len(ds)))
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    assert meta["vae"]["scaling_factor"] == vae.config.scaling_factor
+
+
+def test_hugging_face_dataset_from_a_local_copy(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="the optional `datasets` package is not installed")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)) for _ in range(3)]
+    ds = datasets.Dataset.from_dict({"img": images}).cast_column("img", datasets.Image())
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "hf"))
+    loaded = build_image_dataset(dataset_name=str(tmp_path / "hf"), resolution=8, image_column="img")
+    assert len(loaded) == 3 and loaded[1]["pixel_values"].shape == (3, 8, 8)
+    expected = ImageTransform(8)(images[1])
+    assert torch.allclose(loaded[1]["pixel_values"], expected)
+    with pytest.raises(ValueError, match="no column 'image'"):
+        build_image_dataset(dataset_name=str(tmp_path / "hf"), resolution=8)

@@ -1,0 +1,138 @@
+"""The training script: config handling, smoke runs in pixel and latent space, resume, stale cache."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from latent_dmmd import DMMDPipeline
+from latent_dmmd.training import list_checkpoints, load_config, main
+
+from .conftest import CELEBA_DIR, TAEF2_DIR, tiny_vae_folder, write_image_folder
+
+TINY_MODEL = [
+    "--block_out_channels", "8", "16", "--down_block_types", "DownBlock2D", "AttnDownBlock2D",
+    "--up_block_types", "AttnUpBlock2D", "UpBlock2D", "--norm_num_groups", "4", "--attention_head_dim", "4",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def run(tmp_path, *extra, data=None, steps=4):
+    data = data or str(tmp_path / "imgs")
+    if not os.path.isdir(data):
+        write_image_folder(data, n=16, size=12, corrupt=1)
+    args = ["--train_data_dir", data, "--output_dir", str(tmp_path / "out"), "--resolution", "8",
+            "--train_batch_size", "8", "--group_size", "4", "--max_train_steps", str(steps),
+            "--num_inference_steps", "3", "--flow_steps_per_level", "2", "--report_to", "none",
+            "--checkpointing_steps", "2", "--log_every", "1", *TINY_MODEL, *extra]  # fmt: skip
+    return main([str(a) for a in args])
+
+
+def load(folder):
+    pipe = DMMDPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_config_file_overrides_and_errors(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train_data_dir: x\nlearning_rate: 0.5\nblock_out_channels: [4, 8]\n")
+    config = load_config(["--config", str(cfg), "--learning_rate", "0.25"])
+    assert config.learning_rate == 0.25 and config.block_out_channels == [4, 8]
+    cfg.write_text("train_data_dir: x\nlearning_rte: 0.5\n")
+    with pytest.raises(ValueError, match="unknown key.*learning_rte"):
+        load_config(["--config", str(cfg)])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="fp16 needs a CUDA GPU.*bf16"):
+            load_config(["--train_data_dir", "x", "--mixed_precision", "fp16"])
+    with pytest.raises(ValueError, match="multiple of --group_size"):
+        load_config(["--train_data_dir", "x", "--train_batch_size", "10", "--group_size", "4"])
+    assert main(["--train_data_dir", "x", "--dry_run"]) is None
+    assert "learning_rate: 0.0001" in capsys.readouterr().out
+
+
+def test_pixel_smoke_training_skips_corrupt_images_and_exports_a_pipeline(tmp_path):
+    folder = run(tmp_path)
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    assert summary["reference_count"] == 16  # 17 files, the broken jpg is not among the statistics
+    assert not any(name.startswith("checkpoint") for name in os.listdir(folder))
+    pipe = load(folder)
+    assert pipe.vae is None
+    images = pipe(num_images=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 8, 8, 3)
+    card = (tmp_path / "out" / "pipeline" / "README.md").read_text()
+    assert "pipeline_tag: unconditional-image-generation" in card and "DMMDPipeline.from_pretrained" in card
+
+
+def test_corrupt_image_is_counted(tmp_path):
+    write_image_folder(tmp_path / "imgs", n=16, size=12, corrupt=2)
+    run(tmp_path, steps=4)
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    # 18 files, batches of 8 with drop_last: 2 batches per epoch, each corrupt file seen when its batch is drawn
+    assert summary["skipped_images"] >= 1
+    assert summary["reference_count"] == 16
+
+
+def test_latent_smoke_training_with_a_tiny_autoencoder(tmp_path):
+    vae = tiny_vae_folder(tmp_path / "vae")
+    folder = run(tmp_path, "--pretrained_vae", vae, "--resolution", "16")
+    meta = json.loads((tmp_path / "out" / "latent_cache" / "meta.json").read_text())
+    assert meta["count"] == 17 and meta["latent_shape"] == [4, 8, 8] and meta["vae"]["scaling_factor"] == 0.5
+    pipe = load(folder)
+    assert pipe.vae is not None
+    assert pipe(num_images=2, output_type="latent").images.shape == (2, 4, 8, 8)
+    assert pipe(num_images=2, output_type="np").images.shape == (2, 16, 16, 3)
+
+
+def test_stale_latent_cache_is_refused(tmp_path):
+    run(tmp_path, "--pretrained_vae", tiny_vae_folder(tmp_path / "vae"), "--resolution", "16", steps=2)
+    other = tiny_vae_folder(tmp_path / "vae2", scaling_factor=0.25, seed=1)
+    with pytest.raises(ValueError, match="vae.scaling_factor"):
+        run(tmp_path, "--pretrained_vae", other, "--resolution", "16", steps=2)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    straight = tmp_path / "a"
+    straight.mkdir()
+    run(straight, steps=6, data=None)
+    final = load_file(straight / "out" / "checkpoint-6" / "model.safetensors")
+
+    resumed = tmp_path / "b"
+    resumed.mkdir()
+    run(resumed, steps=6, data=str(straight / "imgs"))
+    # pretend the run died after step 4: drop everything later, then resume from the newest checkpoint
+    import shutil
+
+    shutil.rmtree(resumed / "out" / "checkpoint-6")
+    shutil.rmtree(resumed / "out" / "pipeline")
+    assert [s for s, _ in list_checkpoints(resumed / "out")] == [2, 4]
+    run(resumed, "--resume_from_checkpoint", "latest", steps=6, data=str(straight / "imgs"))
+    again = load_file(resumed / "out" / "checkpoint-6" / "model.safetensors")
+    assert final.keys() == again.keys()
+    for key in final:
+        assert torch.equal(final[key], again[key]), key
+
+
+def test_checkpoint_limit_prunes_only_after_a_complete_save(tmp_path):
+    run(tmp_path, "--checkpoints_total_limit", "2", steps=6)
+    assert [s for s, _ in list_checkpoints(tmp_path / "out")] == [4, 6]
+    assert not [n for n in os.listdir(tmp_path / "out") if n.startswith(".tmp")]
+
+
+@pytest.mark.skipif(not (os.path.isdir(TAEF2_DIR) and os.path.isdir(CELEBA_DIR)), reason="../shared TAEF2 or CelebA-HQ absent")
+def test_taef2_latent_training_on_real_faces(tmp_path):
+    folder = run(tmp_path, "--pretrained_vae", TAEF2_DIR, "--resolution", "64", "--max_train_samples", "16",
+                 data=CELEBA_DIR, steps=2)  # fmt: skip
+    pipe = load(folder)
+    assert type(pipe.vae).__name__ == "TAEF2"
+    images = pipe(num_images=2, output_type="pt").images
+    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
