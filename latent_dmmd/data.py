@@ -316,7 +316,9 @@ def encode_shard(dataset, vae, indices: list[int], batch_size: int, flip_variant
         m = [t for f, t in means if f == flip]
         s = [t for f, t in stds if f == flip]
         out["mean" + suffix] = torch.cat(m) if m else torch.empty(0)
-        out["std" + suffix] = torch.cat(s) if s else torch.empty(0)
+        std = torch.cat(s) if s else torch.empty(0)
+        if bool(std.any()):  # deterministic autoencoders (TAEF2, AutoencoderTiny) store no std
+            out["std" + suffix] = std
     return out, skipped
 
 
@@ -358,7 +360,8 @@ def _lookup(meta: CacheMeta, key: str):
 
 class LatentCacheDataset(Dataset):
     """Cached posteriors keyed by dataset index. Items hold ``mean`` and ``std`` (and their flipped
-    variants), so each training step draws a fresh latent and a fresh flip choice."""
+    variants), so each training step draws a fresh latent and a fresh flip choice. Deterministic
+    autoencoders have no ``std``: their latent is the mean."""
 
     def __init__(self, cache_dir: str, expected: CacheMeta | None = None):
         if expected is not None:
@@ -376,7 +379,7 @@ class LatentCacheDataset(Dataset):
         self.tensors = {k: torch.cat([p[k] for p in parts])[order] for k in parts[0] if k != "index"}
         if len(self.index) == 0:
             raise ValueError(f"latent cache {cache_dir} holds no latents")
-        self.deterministic = all(not bool(self.tensors[k].any()) for k in self.tensors if k.startswith("std"))
+        self.deterministic = not any(k.startswith("std") for k in self.tensors)
 
     def __len__(self) -> int:
         return len(self.index)

@@ -238,12 +238,12 @@ def training_batch(batch: dict, config: TrainConfig, step: int, micro: int, devi
     flip = None
     if config.random_flip:
         flip = keyed_rand([(config.seed, "flip", step, micro, int(i)) for i in index]) < 0.5
-    mean, std = batch["mean"], batch["std"]
+    mean, std = batch["mean"], batch.get("std")
     if flip is not None:
         view = (-1, 1, 1, 1)
         mean = torch.where(flip.view(view), batch["mean_flip"], mean)
-        std = torch.where(flip.view(view), batch["std_flip"], std)
-    if bool(std.any()):
+        std = None if std is None else torch.where(flip.view(view), batch["std_flip"], std)
+    if std is not None:
         eps = keyed_randn([(config.seed, "latent", step, micro, int(i)) for i in index], mean.shape[1:])
         mean = mean + std * eps
     return mean.to(device), index
@@ -679,3 +679,22 @@ def export_pipeline(accelerator, model, ema, scheduler, dataset, config: TrainCo
             pipe.push_to_hub(config.hub_model_id, private=config.hub_private)
     accelerator.wait_for_everyone()
     return folder
+
+
+def cache_main(argv: list[str] | None = None) -> str:
+    """Build (or check) the latent cache of a config and report its size and throughput."""
+    from accelerate import Accelerator
+
+    config = load_config(argv)
+    if not config.latent:
+        raise ValueError("caching latents needs --pretrained_vae")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    logging.basicConfig(level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    start = time.time()
+    dataset, _ = prepare_latents(accelerator, config)
+    if accelerator.is_main_process:
+        size = sum(os.path.getsize(os.path.join(config.cache_dir, f)) for f in os.listdir(config.cache_dir))
+        print(json.dumps({"cache_dir": config.cache_dir, "latents": len(dataset), "bytes": size,
+                          "latent_shape": list(dataset.tensors["mean"].shape[1:]),
+                          "seconds": round(time.time() - start, 1)}))  # fmt: skip
+    return config.cache_dir

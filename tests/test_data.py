@@ -153,3 +153,19 @@ def test_hugging_face_dataset_from_a_local_copy(tmp_path):
     assert torch.allclose(loaded[1]["pixel_values"], expected)
     with pytest.raises(ValueError, match="no column 'image'"):
         build_image_dataset(dataset_name=str(tmp_path / "hf"), resolution=8)
+
+
+def test_deterministic_autoencoder_cache_stores_no_std(tmp_path):
+    from diffusers import AutoencoderTiny
+
+    write_image_folder(tmp_path / "imgs", n=3)
+    ds = ImageFolderDataset(str(tmp_path / "imgs"), ImageTransform(8))
+    torch.manual_seed(0)
+    vae = AutoencoderTiny(encoder_block_out_channels=(8,), decoder_block_out_channels=(8,), num_encoder_blocks=(1,),
+                          num_decoder_blocks=(1,), latent_channels=2)  # fmt: skip
+    tensors, _ = encode_shard(ds, vae, [0, 1, 2], 2, flip_variants=False)
+    assert set(tensors) == {"index", "mean"}
+    write_cache_shard(str(tmp_path / "c"), tensors, 0, 1)
+    write_cache_meta(str(tmp_path / "c"), _meta(vae, count=3, flip_variants=False))
+    cached = LatentCacheDataset(str(tmp_path / "c"))
+    assert cached.deterministic and "std" not in cached[0]

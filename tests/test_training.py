@@ -136,3 +136,30 @@ def test_taef2_latent_training_on_real_faces(tmp_path):
     assert type(pipe.vae).__name__ == "TAEF2"
     images = pipe(num_images=2, output_type="pt").images
     assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))))
+def test_every_shipped_config_resolves(name, capsys):
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", name)
+    try:
+        assert main(["--config", path, "--dry_run"]) is None
+    except ValueError as err:  # fp16 configs on a CPU-only machine are the one allowed refusal
+        assert "fp16" in str(err)
+    assert "output_dir" in capsys.readouterr().out
+
+
+def test_gradient_accumulation_and_bf16_run(tmp_path):
+    folder = run(tmp_path, "--gradient_accumulation_steps", "2", "--mixed_precision", "bf16", "--use_ema", "false",
+                 steps=2)  # fmt: skip
+    assert [s for s, _ in list_checkpoints(tmp_path / "out")] == [2]
+    assert load(folder)(num_images=2, output_type="latent").images.dtype == torch.float32
+
+
+def test_cache_script_reports_the_cache(tmp_path, capsys):
+    from latent_dmmd.training import cache_main
+
+    write_image_folder(tmp_path / "imgs", n=5, size=12, corrupt=1)
+    cache_main(["--train_data_dir", str(tmp_path / "imgs"), "--output_dir", str(tmp_path / "out"),
+                "--pretrained_vae", tiny_vae_folder(tmp_path / "vae"), "--resolution", "16"])  # fmt: skip
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["latents"] == 5 and report["latent_shape"] == [4, 8, 8] and report["bytes"] > 0

@@ -112,6 +112,15 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
         self.register_buffer("reference_mean_data", torch.zeros(levels, d, device=device), keep)
         self.register_buffer("reference_mean_noised", torch.zeros(levels, d, device=device), keep)
 
+    def weights_fingerprint(self) -> str:
+        """``weights_fingerprint`` of this model, cached until a parameter changes (version counters)."""
+        state = tuple((id(p), p._version, p.dtype, p.device) for p in self.parameters())
+        cached = getattr(self, "_fingerprint_cache", None)
+        if cached is None or cached[0] != state:
+            cached = (state, weights_fingerprint(self))
+            self._fingerprint_cache = cached
+        return cached[1]
+
     @property
     def has_reference_statistics(self) -> bool:
         return self.config.num_reference_levels > 0
@@ -129,7 +138,7 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
         self.reference_mean_noised.copy_(stats.mean_noised)
         self.register_to_config(
             num_reference_levels=len(stats.timesteps),
-            reference_fingerprint=weights_fingerprint(self),
+            reference_fingerprint=self.weights_fingerprint(),
             reference_count=int(stats.count),
         )
 
@@ -146,7 +155,7 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
                 "latent_dmmd.reference.compute_reference_statistics and store them with "
                 "discriminator.set_reference_statistics(...), or sample with reference='data'"
             )
-        if weights_fingerprint(self) != self.config.reference_fingerprint:
+        if self.weights_fingerprint() != self.config.reference_fingerprint:
             raise ValueError(
                 "stale reference statistics: the discriminator weights changed after the statistics were "
                 "computed; recompute them for the current weights"
