@@ -61,6 +61,7 @@ class TrainConfig:
     pretrained_vae: str | None = _f(None, "diffusers autoencoder (Hub id or folder) or a TAEF2 folder; none: pixel space")
     vae_subfolder: str | None = _f(None, "subfolder of --pretrained_vae holding the autoencoder")
     vae_revision: str | None = _f(None, "revision of --pretrained_vae")
+    cache_latents: bool = _f(True, "encode the data once into a latent cache (else encode every batch, VAE in memory)")
     latent_cache_dir: str | None = _f(None, "latent cache folder (default: <output_dir>/latent_cache)")
     flip_variants: bool = _f(False, "also cache latents of horizontally flipped images")
     encode_batch_size: int = _f(16, "images per VAE encode call when caching latents")
@@ -154,7 +155,7 @@ class TrainConfig:
             )
         if not (self.train_data_dir or self.dataset_name):
             raise ValueError("give --train_data_dir or --dataset_name")
-        if self.random_flip and self.latent and not self.flip_variants:
+        if self.random_flip and self.latent and self.cache_latents and not self.flip_variants:
             raise ValueError("--random_flip in latent space needs --flip_variants (flipped latents are cached)")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id")
@@ -230,22 +231,37 @@ def resolved_yaml(config: TrainConfig) -> str:
 # ---------------------------------------------------------------------------- the training step
 
 
-def training_batch(batch: dict, config: TrainConfig, step: int, micro: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clean samples ``x0`` and dataset indices of one micro-batch (latents drawn from the cache)."""
+def training_batch(
+    batch: dict, config: TrainConfig, step: int, micro: int, device, vae=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean samples ``x0`` and dataset indices of one micro-batch: pixels, latents drawn from the
+    cached posterior, or (``vae`` given, ``--cache_latents false``) latents encoded right now.
+
+    Random flips are keyed like every other draw: pixels are flipped here, cached latents
+    pick their cached flipped variant.
+    """
     index = batch["index"]
-    if "pixel_values" in batch:
-        return batch["pixel_values"].to(device), index
     flip = None
-    if config.random_flip:
-        flip = keyed_rand([(config.seed, "flip", step, micro, int(i)) for i in index]) < 0.5
-    mean, std = batch["mean"], batch.get("std")
-    if flip is not None:
-        view = (-1, 1, 1, 1)
-        mean = torch.where(flip.view(view), batch["mean_flip"], mean)
-        std = None if std is None else torch.where(flip.view(view), batch["std_flip"], std)
+    if config.random_flip and step >= 0:
+        flip = (keyed_rand([(config.seed, "flip", step, micro, int(i)) for i in index]) < 0.5).view(-1, 1, 1, 1)
+    if "pixel_values" in batch:
+        pixels = batch["pixel_values"]
+        if flip is not None:
+            pixels = torch.where(flip, pixels.flip(-1), pixels)
+        if vae is None:
+            return pixels.to(device), index
+        from .autoencoders import encode_images
+
+        post = encode_images(vae, pixels.to(device))
+        mean, std = post.mean, (post.std if bool(post.std.any()) else None)
+    else:
+        mean, std = batch["mean"], batch.get("std")
+        if flip is not None:
+            mean = torch.where(flip, batch["mean_flip"], mean)
+            std = None if std is None else torch.where(flip, batch["std_flip"], std)
     if std is not None:
-        eps = keyed_randn([(config.seed, "latent", step, micro, int(i)) for i in index], mean.shape[1:])
-        mean = mean + std * eps
+        eps = keyed_randn([(config.seed, "latent", step, micro, int(i)) for i in index], mean.shape[1:], device=mean.device)
+        mean = mean + std.to(mean.device) * eps
     return mean.to(device), index
 
 
@@ -338,7 +354,7 @@ def resolve_resume(config: TrainConfig) -> tuple[int, str | None]:
 
 
 @torch.no_grad()
-def distributed_reference_statistics(accelerator, model, dataset, scheduler, config: TrainConfig, collate):
+def distributed_reference_statistics(accelerator, model, dataset, scheduler, config: TrainConfig, collate, vae=None):
     """``m_P``/``m_Pt`` over the training data, each process on its own slice, reduced by sum.
 
     Noise is keyed by (seed, level, sample index), so the result equals one process doing it all.
@@ -356,7 +372,7 @@ def distributed_reference_statistics(accelerator, model, dataset, scheduler, con
         for batch in loader:
             if not len(batch.get("index", [])):
                 continue
-            x0, index = training_batch(batch, config, -1, 0, accelerator.device)
+            x0, index = training_batch(batch, config, -1, 0, accelerator.device, vae)
             yield x0, [(config.seed, "reference", int(i)) for i in index]
 
     return compute_reference_statistics(
@@ -389,7 +405,7 @@ def _image_dataset(config: TrainConfig):
 
     return build_image_dataset(
         train_data_dir=config.train_data_dir, dataset_name=config.dataset_name, resolution=config.resolution,
-        center_crop=config.center_crop, random_flip=config.random_flip and not config.latent,
+        center_crop=config.center_crop, random_flip=False,  # flips are keyed in training_batch
         channels=3 if config.latent else config.channels, split=config.dataset_split,
         image_column=config.image_column, max_train_samples=config.max_train_samples, first_index=config.first_index,
     )  # fmt: skip
@@ -490,14 +506,21 @@ def main(argv: list[str] | None = None) -> str | None:
     start = time.time()
 
     # ---- data: cached latents (VAE freed afterwards) or pixels
-    vae_id = None
-    if config.latent:
+    vae_id = train_vae = None
+    if config.latent and config.cache_latents:
         dataset, vae_id = prepare_latents(accelerator, config)
         sample_shape = tuple(dataset.tensors["mean"].shape[1:])
     else:
         dataset = _image_dataset(config)
         probe = next(item for item in (dataset[i] for i in range(len(dataset))) if item is not None)
         sample_shape = tuple(probe["pixel_values"].shape)
+        if config.latent:  # no cache: the VAE stays in memory and encodes every batch
+            from .autoencoders import encode_images, load_autoencoder, vae_identity
+
+            train_vae = load_autoencoder(config.pretrained_vae, config.vae_subfolder, config.vae_revision)
+            train_vae.to(accelerator.device)
+            vae_id = vae_identity(train_vae, config.pretrained_vae)
+            sample_shape = tuple(encode_images(train_vae, probe["pixel_values"][None].to(accelerator.device)).mean.shape[1:])
     model, scheduler = build_models(config, sample_shape[-1], sample_shape[0])
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -543,7 +566,7 @@ def main(argv: list[str] | None = None) -> str | None:
         for batch in batches:
             skipped_images += int(batch.get("skipped", 0))
             with accelerator.accumulate(model):
-                x0, index = training_batch(batch, config, global_step, micro, accelerator.device)
+                x0, index = training_batch(batch, config, global_step, micro, accelerator.device, train_vae)
                 out = dmmd_step_loss(model, scheduler, x0, index, config, global_step, micro)
                 # every process must agree to skip, or DDP would wait for a backward that never comes
                 finite = torch.tensor([0.0 if out is None or not torch.isfinite(out.loss) else 1.0], device=accelerator.device)
@@ -586,7 +609,7 @@ def main(argv: list[str] | None = None) -> str | None:
             if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps:
                 save_checkpoint(accelerator, config.output_dir, global_step, config.checkpoints_total_limit)
             if config.validation_steps and global_step % config.validation_steps == 0:
-                validate(accelerator, model, ema, scheduler, dataset, config, global_step)
+                validate(accelerator, model, ema, scheduler, dataset, config, global_step, train_vae)
             if global_step >= config.max_train_steps:
                 break
     bar.close()
@@ -594,7 +617,7 @@ def main(argv: list[str] | None = None) -> str | None:
     if skipped_images:
         logger.warning("skipped %d unreadable images during training", skipped_images)
 
-    path = export_pipeline(accelerator, model, ema, scheduler, dataset, config, vae_id,
+    path = export_pipeline(accelerator, model, ema, scheduler, dataset, config, vae_id, train_vae,
                            {"train_seconds": round(time.time() - start, 1), "skipped_images": skipped_images,
                             "bad_steps": bad_total, "num_processes": accelerator.num_processes})  # fmt: skip
     accelerator.end_training()
@@ -613,7 +636,7 @@ def _ema_model(accelerator, model, ema):
 
 
 @torch.no_grad()
-def validate(accelerator, model, ema, scheduler, dataset, config: TrainConfig, step: int):
+def validate(accelerator, model, ema, scheduler, dataset, config: TrainConfig, step: int, train_vae=None):
     """Sample a grid with the EMA weights and statistics from a small data subset."""
     from .data import collate_skipping
     from .pipelines import DMMDPipeline
@@ -625,7 +648,7 @@ def validate(accelerator, model, ema, scheduler, dataset, config: TrainConfig, s
     scheduler.set_timesteps(scheduler.config.num_inference_steps)
     subset = torch.utils.data.Subset(dataset, range(min(len(dataset), 256)))
     loader = torch.utils.data.DataLoader(subset, batch_size=config.reference_batch_size, collate_fn=collate_skipping)
-    batches = (training_batch(b, config, -1, 0, accelerator.device)[0] for b in loader if len(b.get("index", [])))
+    batches = (training_batch(b, config, -1, 0, accelerator.device, train_vae)[0] for b in loader if len(b.get("index", [])))
     disc.set_reference_statistics(
         compute_reference_statistics(disc, batches, scheduler.timesteps, scheduler.alphas_cumprod,
                                      generator=torch.Generator().manual_seed(config.seed))  # fmt: skip
@@ -650,14 +673,14 @@ def validate(accelerator, model, ema, scheduler, dataset, config: TrainConfig, s
             tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC" if grid.mode == "RGB" else "HW")
 
 
-def export_pipeline(accelerator, model, ema, scheduler, dataset, config: TrainConfig, vae_id, run_info: dict):
+def export_pipeline(accelerator, model, ema, scheduler, dataset, config: TrainConfig, vae_id, train_vae, run_info: dict):
     """Compute reference statistics over the training set with the EMA weights (all
     processes, reduced) and write ``<output_dir>/pipeline`` with ``save_pretrained``."""
     from .data import collate_skipping
     from .pipelines import DMMDPipeline
 
     disc = _ema_model(accelerator, model, ema)
-    stats = distributed_reference_statistics(accelerator, disc, dataset, scheduler, config, collate_skipping)
+    stats = distributed_reference_statistics(accelerator, disc, dataset, scheduler, config, collate_skipping, train_vae)
     folder = os.path.join(config.output_dir, "pipeline")
     if accelerator.is_main_process:
         disc.set_reference_statistics(stats)

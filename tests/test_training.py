@@ -163,3 +163,10 @@ def test_cache_script_reports_the_cache(tmp_path, capsys):
                 "--pretrained_vae", tiny_vae_folder(tmp_path / "vae"), "--resolution", "16"])  # fmt: skip
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["latents"] == 5 and report["latent_shape"] == [4, 8, 8] and report["bytes"] > 0
+
+
+def test_latent_training_without_a_cache_encodes_every_batch(tmp_path):
+    folder = run(tmp_path, "--pretrained_vae", tiny_vae_folder(tmp_path / "vae"), "--resolution", "16",
+                 "--cache_latents", "false", "--random_flip", "true", steps=2)  # fmt: skip
+    assert not (tmp_path / "out" / "latent_cache").exists()
+    assert load(folder)(num_images=2, output_type="np").images.shape == (2, 16, 16, 3)
