@@ -649,15 +649,14 @@ def validate(accelerator, model, ema, scheduler, dataset, config: TrainConfig, s
     subset = torch.utils.data.Subset(dataset, range(min(len(dataset), 256)))
     loader = torch.utils.data.DataLoader(subset, batch_size=config.reference_batch_size, collate_fn=collate_skipping)
     batches = (training_batch(b, config, -1, 0, accelerator.device, train_vae)[0] for b in loader if len(b.get("index", [])))
-    disc.set_reference_statistics(
-        compute_reference_statistics(disc, batches, scheduler.timesteps, scheduler.alphas_cumprod,
-                                     generator=torch.Generator().manual_seed(config.seed))  # fmt: skip
-    )
-    vae = None
-    if config.latent:
+    stats = compute_reference_statistics(disc, batches, scheduler.timesteps, scheduler.alphas_cumprod,
+                                         generator=torch.Generator().manual_seed(config.seed))  # fmt: skip
+    vae = train_vae
+    if config.latent and vae is None:
         from .autoencoders import load_autoencoder
 
         vae = load_autoencoder(config.pretrained_vae, config.vae_subfolder, config.vae_revision).to(accelerator.device)
+    disc.set_reference_statistics(stats, vae=vae)
     pipe = DMMDPipeline(disc, scheduler, vae=vae)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(num_images=config.num_validation_images, generator=torch.Generator().manual_seed(config.seed),
@@ -683,12 +682,12 @@ def export_pipeline(accelerator, model, ema, scheduler, dataset, config: TrainCo
     stats = distributed_reference_statistics(accelerator, disc, dataset, scheduler, config, collate_skipping, train_vae)
     folder = os.path.join(config.output_dir, "pipeline")
     if accelerator.is_main_process:
-        disc.set_reference_statistics(stats)
         vae = None
         if config.latent:
             from .autoencoders import load_autoencoder
 
             vae = load_autoencoder(config.pretrained_vae, config.vae_subfolder, config.vae_revision)
+        disc.set_reference_statistics(stats, vae=vae)
         pipe = DMMDPipeline(disc.to("cpu"), scheduler, vae=vae)
         pipe.save_pretrained(folder)
         from .hub import write_model_card

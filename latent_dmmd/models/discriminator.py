@@ -15,6 +15,19 @@ from torch import nn
 
 from ..reference import ReferenceStatistics, weights_fingerprint
 
+
+def vae_contract(vae) -> dict | None:
+    """What the statistics assume of the autoencoder: its class, factors and latent channels."""
+    if vae is None:
+        return None
+    c = vae.config
+    return {
+        "class": type(vae).__name__,
+        "scaling_factor": float(getattr(c, "scaling_factor", None) or 1.0),
+        "shift_factor": float(getattr(c, "shift_factor", None) or 0.0),
+        "latent_channels": int(c.latent_channels),
+    }
+
 __all__ = ["DMMDDiscriminator", "ModelMixin"]
 
 _ALPHA_ATOL = 1e-6
@@ -39,6 +52,8 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
             (set by ``set_reference_statistics``; 0 means none stored yet).
         reference_fingerprint: SHA-256 of the weights the statistics were computed with.
         reference_count: number of data samples behind the statistics.
+        reference_vae: class, scaling/shift factors and latent channels of the autoencoder whose
+            latents the statistics describe (None in pixel space).
     """
 
     _supports_gradient_checkpointing = True
@@ -61,6 +76,7 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
         num_reference_levels: int = 0,
         reference_fingerprint: str | None = None,
         reference_count: int = 0,
+        reference_vae: dict | None = None,
     ):
         super().__init__()
         out_channels = out_channels or in_channels
@@ -125,8 +141,8 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
     def has_reference_statistics(self) -> bool:
         return self.config.num_reference_levels > 0
 
-    def set_reference_statistics(self, stats: ReferenceStatistics) -> None:
-        """Store ``m_P`` and ``m_Pt`` with the model, keyed by the current weights."""
+    def set_reference_statistics(self, stats: ReferenceStatistics, vae=None) -> None:
+        """Store ``m_P`` and ``m_Pt`` with the model, keyed by the current weights (and the VAE)."""
         if stats.mean_data.shape[-1] != self.feature_dim:
             raise ValueError(
                 f"statistics have feature dimension {stats.mean_data.shape[-1]}, the model has {self.feature_dim}"
@@ -140,7 +156,18 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
             num_reference_levels=len(stats.timesteps),
             reference_fingerprint=self.weights_fingerprint(),
             reference_count=int(stats.count),
+            reference_vae=vae_contract(vae),
         )
+
+    def check_vae(self, vae) -> None:
+        """Refuse an autoencoder other than the one the statistics were computed with."""
+        stored, given = self.config.reference_vae, vae_contract(vae)
+        if stored is None or given is None:
+            return
+        bad = [k for k in stored if stored[k] != given.get(k)]
+        if bad:
+            detail = ", ".join(f"{k}: statistics {stored[k]!r}, pipeline VAE {given.get(k)!r}" for k in bad)
+            raise ValueError(f"mismatched reference statistics: they were computed with another autoencoder ({detail})")
 
     def reference_statistics(self, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> ReferenceStatistics:
         """Stored statistics for the levels ``timesteps``, after checking they are valid for them.

@@ -18,11 +18,12 @@ from huggingface_hub import snapshot_download
 from ..autoencoders import decode_latents
 from ..flow import data_reference, sample_flow
 from ..models import DMMDDiscriminator
+from ..safety import check_pipeline_folder, write_checksums
 from ..schedulers import DMMDScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # Files a pipeline folder needs; anything else in a Hub repo (pickles, training state) is not fetched.
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.txt", "*.png", "pipeline.py"]
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.txt", "*.png", "pipeline.py"]  # never pickles
 
 
 class DMMDPipeline(DiffusionPipeline):
@@ -62,11 +63,28 @@ class DMMDPipeline(DiffusionPipeline):
             allow_patterns=HUB_ALLOW_PATTERNS,
         )
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, allow_pickle: bool = False, **kwargs):
+        """Load a pipeline folder or Hub repo (snapshot of configs and safetensors).
+
+        Before anything is built the folder is checked (``latent_dmmd.safety``): pickle-only
+        weights are refused unless ``allow_pickle=True``, damaged safetensors and shape
+        mismatches raise a ``ValueError`` naming the file.
+        """
+        folder = str(pretrained_model_name_or_path)
+        if not os.path.isdir(folder):
+            folder = cls.download(folder, **kwargs)
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("revision", "cache_dir", "token", "force_download")}
+        check_pipeline_folder(folder, allow_pickle=allow_pickle)
+        kwargs.setdefault("use_safetensors", not allow_pickle)
+        return super().from_pretrained(folder, **kwargs)
+
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
-        """``DiffusionPipeline.save_pretrained`` with safetensors only, plus the loader shim."""
+        """``DiffusionPipeline.save_pretrained`` with safetensors only, plus checksums and the loader shim."""
         if kwargs.pop("safe_serialization", True) is False:
             raise ValueError("DMMDPipeline saves safetensors only; safe_serialization=False is not supported")
         super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
+        write_checksums(str(save_directory))
         write_loader_shim(save_directory)
 
     def enable_xformers_memory_efficient_attention(self, attention_op: Callable | None = None):
@@ -107,6 +125,7 @@ class DMMDPipeline(DiffusionPipeline):
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs {bad} not in {self._callback_tensor_inputs}")
         if self.vae is not None:
+            self.discriminator.check_vae(self.vae)
             latent_channels = self.vae.config.latent_channels
             if latent_channels != self.particle_shape[0]:
                 raise ValueError(

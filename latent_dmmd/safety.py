@@ -1,0 +1,120 @@
+"""Checks that run before a pipeline folder is loaded: no pickles by default, intact
+safetensors (header, checksums written at save time) and shapes that match the config.
+
+A folder that fails a check raises ``ValueError`` naming the file (and the keys) before any
+component is built, so no half-initialised pipeline is ever returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+CHECKSUMS = "checksums.json"
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weight_files(folder: str) -> list[str]:
+    """Relative paths of every safetensors and pickle file in a pipeline folder."""
+    found = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if name.endswith(".safetensors") or name.endswith(PICKLE_SUFFIXES):
+                found.append(os.path.relpath(os.path.join(root, name), folder))
+    return sorted(found)
+
+
+def write_checksums(folder: str) -> str:
+    """Record the SHA-256 of every safetensors file (what ``save_pretrained`` wrote)."""
+    sums = {rel: _sha256(os.path.join(folder, rel)) for rel in weight_files(folder) if rel.endswith(".safetensors")}
+    path = os.path.join(folder, CHECKSUMS)
+    with open(path, "w") as f:
+        json.dump(sums, f, indent=2, sort_keys=True)
+    return path
+
+
+def components(folder: str) -> list[str]:
+    index = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index):
+        raise ValueError(f"{folder} is not a pipeline folder: model_index.json is missing")
+    with open(index) as f:
+        spec = json.load(f)
+    return [k for k, v in spec.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
+
+
+def check_pipeline_folder(folder: str, allow_pickle: bool = False) -> None:
+    """Refuse pickle-only weights, damaged safetensors and shape mismatches (see module doc)."""
+    from safetensors import safe_open
+
+    files = weight_files(folder)
+    for name in components(folder):
+        mine = [f for f in files if f.split(os.sep)[0] == name]
+        pickles = [f for f in mine if f.endswith(PICKLE_SUFFIXES)]
+        if pickles and not any(f.endswith(".safetensors") for f in mine) and not allow_pickle:
+            raise ValueError(
+                f"{os.path.join(folder, pickles[0])} is a pickle: loading it could run arbitrary code. "
+                "latent_dmmd loads safetensors only; pass allow_pickle=True to from_pretrained only for "
+                "files you trust"
+            )
+    sums = {}
+    if os.path.isfile(os.path.join(folder, CHECKSUMS)):
+        with open(os.path.join(folder, CHECKSUMS)) as f:
+            sums = json.load(f)
+    for rel in (f for f in files if f.endswith(".safetensors")):
+        path = os.path.join(folder, rel)
+        try:
+            with safe_open(path, "pt") as st:
+                shapes = {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
+        except Exception as err:
+            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted): {err}") from err
+        if rel in sums and _sha256(path) != sums[rel]:
+            raise ValueError(f"{path} does not match its checksum in {CHECKSUMS}: the file is corrupted")
+        _check_shapes(folder, rel, path, shapes)
+
+
+def _check_shapes(folder: str, rel: str, path: str, shapes: dict) -> None:
+    """Compare tensor shapes of a component's weights with a model built (empty) from its config."""
+    component = rel.split(os.sep)[0]
+    config_path = os.path.join(folder, component, "config.json")
+    if not os.path.isfile(config_path):
+        return
+    with open(config_path) as f:
+        config = json.load(f)
+    model_cls = _model_class(config.get("_class_name"))
+    if model_cls is None:
+        return
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = model_cls.from_config(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    bad = sorted(k for k in shapes if k in expected and shapes[k] != expected[k])
+    missing = sorted(k for k in expected if k not in shapes and "reference_" not in k)
+    if bad or missing:
+        detail = "; ".join([f"{k}: file {shapes[k]}, config {expected[k]}" for k in bad[:5]] + [f"missing {k}" for k in missing[:5]])
+        raise ValueError(f"{path} does not fit {component}/config.json ({len(bad)} shape mismatches, "
+                         f"{len(missing)} missing keys): {detail}")  # fmt: skip
+
+
+def _model_class(name: str | None):
+    if name is None:
+        return None
+    from .autoencoders import TAEF2
+    from .models import DMMDDiscriminator
+
+    ours = {"DMMDDiscriminator": DMMDDiscriminator, "TAEF2": TAEF2}
+    if name in ours:
+        return ours[name]
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    return cls if cls is not None and hasattr(cls, "from_config") and hasattr(cls, "state_dict") else None

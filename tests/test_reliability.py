@@ -1,0 +1,234 @@
+"""Fault injection (docs/reliability.md): each test injects one fault and checks the outcome."""
+
+import json
+import multiprocessing
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file, save_file
+
+from latent_dmmd import DMMDPipeline
+from latent_dmmd.data import write_cache_shard
+
+from .conftest import tiny_pipeline, write_image_folder
+from .test_training import TINY_MODEL, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WEIGHTS = os.path.join("discriminator", "diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(True)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    folder = tmp_path / "pipe"
+    tiny_pipeline().save_pretrained(folder)
+    return folder
+
+
+class RunsCode:
+    """Unpickling this writes a marker file: the classic malicious model file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+# ---------------------------------------------------------------------------- untrusted model files
+
+
+def test_pickle_only_weights_are_refused_and_never_unpickled(saved, tmp_path):
+    marker = tmp_path / "pwned"
+    os.remove(saved / WEIGHTS)
+    os.remove(saved / "checksums.json")
+    with open(saved / "discriminator" / "diffusion_pytorch_model.bin", "wb") as f:
+        pickle.dump(RunsCode(str(marker)), f)
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.bin is a pickle.*allow_pickle=True"):
+        DMMDPipeline.from_pretrained(saved)
+    assert not marker.exists()
+
+
+def test_truncated_safetensors_names_the_file(saved):
+    data = (saved / WEIGHTS).read_bytes()
+    (saved / WEIGHTS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.safetensors is not a readable safetensors"):
+        DMMDPipeline.from_pretrained(saved)
+
+
+def test_byte_flipped_safetensors_fails_its_checksum(saved):
+    data = bytearray((saved / WEIGHTS).read_bytes())
+    data[-100] ^= 0xFF  # inside the tensor data: the header still parses
+    (saved / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        DMMDPipeline.from_pretrained(saved)
+
+
+def test_shapes_that_do_not_fit_the_config_name_the_keys(saved):
+    config = json.loads((saved / "discriminator" / "config.json").read_text())
+    config["block_out_channels"] = [8, 32]
+    (saved / "discriminator" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"shape mismatches.*unet\.\S+: file \(\d+"):
+        DMMDPipeline.from_pretrained(saved)
+
+
+def test_plain_diffusers_never_runs_folder_code_without_trust_remote_code(saved, tmp_path):
+    marker = tmp_path / "ran"
+    (saved / "pipeline.py").write_text(f"open({str(marker)!r}, 'w')\nfrom latent_dmmd import DMMDPipeline\n")
+    with pytest.raises(Exception):
+        DiffusionPipeline.from_pretrained(saved, custom_pipeline=str(saved))
+    with pytest.raises(Exception):
+        DiffusionPipeline.from_pretrained(saved)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------- training faults
+
+
+def test_nan_steps_are_skipped_counted_then_stop_the_run(tmp_path, monkeypatch):
+    import latent_dmmd.training as training
+
+    real = training.dmmd_step_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in (2, 3):
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(training, "dmmd_step_loss", sometimes_nan)
+    run(tmp_path, steps=4)
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    assert summary["bad_steps"] == 2
+
+    # now every step is bad: the run stops after --max_bad_steps, the last good checkpoint is untouched
+    good = load_file(tmp_path / "out" / "checkpoint-4" / "model.safetensors")
+    before = sorted(n for n in os.listdir(tmp_path / "out") if n.startswith("checkpoint-"))
+    monkeypatch.setattr(training, "dmmd_step_loss", lambda *a, **k: None)
+    with pytest.raises(RuntimeError, match="3 consecutive steps with NaN/inf"):
+        run(tmp_path, "--resume_from_checkpoint", "latest", "--max_bad_steps", "3", steps=8)
+    after = load_file(tmp_path / "out" / "checkpoint-4" / "model.safetensors")
+    assert all(torch.equal(good[k], after[k]) for k in good)
+    assert sorted(n for n in os.listdir(tmp_path / "out") if n.startswith("checkpoint-")) == before
+
+
+KILLER = """
+import os, signal, sys
+import latent_dmmd.training as training
+where, at_step = sys.argv[1], int(sys.argv[2])
+saves = {"n": 0}
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+real_save_state = None
+class Patched:
+    pass
+
+import accelerate
+orig = accelerate.Accelerator.save_state
+def save_state(self, output_dir=None, **kw):
+    step = int(output_dir.rsplit("-", 1)[1])
+    if where == "while_writing" and step == at_step:
+        os.makedirs(output_dir, exist_ok=True)
+        open(os.path.join(output_dir, "model.safetensors"), "wb").write(b"half a file")
+        die()
+    out = orig(self, output_dir, **kw)
+    if where == "before_rename" and step == at_step:
+        die()
+    return out
+accelerate.Accelerator.save_state = save_state
+
+orig_rmtree = training.shutil.rmtree
+def rmtree(path, *a, **k):
+    if where == "while_pruning" and os.path.basename(str(path)).startswith("checkpoint-"):
+        die()
+    return orig_rmtree(path, *a, **k)
+training.shutil.rmtree = rmtree
+training.main(sys.argv[3:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["while_writing", "before_rename", "while_pruning"])
+def test_sigkill_during_checkpoint_save_then_resume_reaches_the_uninterrupted_weights(tmp_path, where):
+    data = str(tmp_path / "imgs")
+    write_image_folder(data, n=16, size=12)
+    args = ["--train_data_dir", data, "--resolution", "8", "--train_batch_size", "8", "--group_size", "4",
+            "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "1",
+            "--report_to", "none", "--num_inference_steps", "3", *TINY_MODEL]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    clean = subprocess.run([sys.executable, "-c", KILLER, "none", "0", *args, "--output_dir", str(tmp_path / "a")],
+                           env=env, capture_output=True, text=True)  # fmt: skip
+    assert clean.returncode == 0, clean.stderr[-3000:]
+
+    out = str(tmp_path / "b")
+    killed = subprocess.run([sys.executable, "-c", KILLER, where, "4", *args, "--output_dir", out],
+                            env=env, capture_output=True, text=True)  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    complete = sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))
+    assert complete, "the previous complete checkpoint must survive the kill"
+    resumed = subprocess.run([sys.executable, "-c", KILLER, "none", "0", *args, "--output_dir", out,
+                              "--resume_from_checkpoint", "latest"], env=env, capture_output=True, text=True)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_file(tmp_path / "a" / "checkpoint-6" / "model.safetensors")
+    b = load_file(os.path.join(out, "checkpoint-6", "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
+
+
+def _write_shard(args):
+    cache, value = args
+    tensors = {"index": torch.arange(2000), "mean": torch.full((2000, 4, 8, 8), float(value))}
+    for _ in range(5):
+        write_cache_shard(cache, tensors, 0, 1)
+
+
+def test_two_processes_writing_the_same_cache_shard_leave_a_whole_file(tmp_path):
+    cache = str(tmp_path / "cache")
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        pool.map(_write_shard, [(cache, 1), (cache, 2)])
+    shard = load_file(os.path.join(cache, "latents-00000-of-00001.safetensors"))
+    assert shard["mean"].shape == (2000, 4, 8, 8)
+    assert shard["mean"].unique().numel() == 1  # one writer's file, whole, never a mix
+    assert not [f for f in os.listdir(cache) if f.startswith(".tmp")]
+
+
+def test_fp16_training_without_cuda_fails_immediately(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU; on this machine use bf16 or no"):
+        run(tmp_path, "--mixed_precision", "fp16")
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_statistics_made_with_another_autoencoder_are_refused(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from latent_dmmd.reference import compute_reference_statistics
+
+    torch.manual_seed(0)
+    make = lambda s: AutoencoderKL(latent_channels=3, block_out_channels=(8,), norm_num_groups=4, scaling_factor=s)  # noqa: E731
+    pipe = tiny_pipeline(vae=make(0.5))
+    disc, sched = pipe.discriminator, pipe.scheduler
+    data = torch.randn(8, 3, 8, 8)
+    disc.set_reference_statistics(compute_reference_statistics(disc, [data], sched.timesteps, sched.alphas_cumprod), vae=make(0.5))
+    pipe(num_images=1, output_type="latent")  # the matching VAE works
+    pipe.vae = make(0.18215)
+    with pytest.raises(ValueError, match="another autoencoder.*scaling_factor: statistics 0.5, pipeline VAE 0.18215"):
+        pipe(num_images=1, output_type="latent")
