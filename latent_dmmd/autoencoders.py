@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
+from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import AutoencoderTinyBlock
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' loader looks it up here)
 from safetensors.torch import load_file
@@ -51,8 +52,34 @@ class TAEF2(AutoencoderTiny):
     """TAEF2, the tiny distilled FLUX.2 autoencoder: diffusers' ``AutoencoderTiny`` layout with
     32 latent channels plus a pooling branch in six blocks. Images in [-1, 1] in and out."""
 
-    def __init__(self, latent_channels: int = 32, **kwargs):
-        super().__init__(latent_channels=latent_channels, **kwargs)
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        encoder_block_out_channels: tuple[int, ...] = (64, 64, 64, 64),
+        decoder_block_out_channels: tuple[int, ...] = (64, 64, 64, 64),
+        act_fn: str = "relu",
+        upsample_fn: str = "nearest",
+        latent_channels: int = 32,
+        upsampling_scaling_factor: int = 2,
+        num_encoder_blocks: tuple[int, ...] = (1, 3, 3, 3),
+        num_decoder_blocks: tuple[int, ...] = (3, 3, 3, 1),
+        latent_magnitude: int = 3,
+        latent_shift: float = 0.5,
+        force_upcast: bool = False,
+        scaling_factor: float = 1.0,
+        shift_factor: float = 0.0,
+        block_out_channels: tuple[int, ...] | None = None,  # written by AutoencoderTiny's config; unused
+    ):
+        super().__init__(
+            in_channels=in_channels, out_channels=out_channels, encoder_block_out_channels=tuple(encoder_block_out_channels),
+            decoder_block_out_channels=tuple(decoder_block_out_channels), act_fn=act_fn, upsample_fn=upsample_fn,
+            latent_channels=latent_channels, upsampling_scaling_factor=upsampling_scaling_factor,
+            num_encoder_blocks=tuple(num_encoder_blocks), num_decoder_blocks=tuple(num_decoder_blocks),
+            latent_magnitude=latent_magnitude, latent_shift=latent_shift, force_upcast=force_upcast,
+            scaling_factor=scaling_factor, shift_factor=shift_factor,
+        )  # fmt: skip
         act = self.config.act_fn
         for i in _TAEF2_POOLED_ENCODER:
             self.encoder.layers[i] = PooledTinyBlock(self.encoder.layers[i].conv[0].in_channels, act)

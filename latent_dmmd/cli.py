@@ -1,4 +1,4 @@
-"""The ``latent-dmmd`` command line.
+"""The ``latent-dmmd`` command line: demo, sample, train, cache-latents, evaluate, push, card.
 
 User mistakes end with one clear line on stderr and exit status 2, never a traceback.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -25,15 +26,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _existing_dir_for(path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"output folder does not exist: {folder}")
+    return path
+
+
+# ---------------------------------------------------------------------------- demo
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     """Train DMMD on the 2-D 8-Gaussians toy, flow particles, write a PNG and metrics JSON."""
     import torch
 
     from .toy import ToyConfig, plot_toy, run_toy_experiment
 
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):
-        raise UserError(f"output folder does not exist: {out_dir}")
+    _existing_dir_for(args.output)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = ToyConfig(train_steps=args.train_steps, num_particles=args.num_particles, seed=args.seed)
@@ -56,36 +72,215 @@ def cmd_demo(args: argparse.Namespace) -> None:
     )
 
 
+# ---------------------------------------------------------------------------- sample
+
+
+def _load_pipeline(model: str):
+    from .pipelines import DMMDPipeline
+
+    if not os.path.isdir(model) and (os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") != 1):
+        raise UserError(f"{model} is neither a pipeline folder nor a Hub id (user/name)")
+    try:
+        return DMMDPipeline.from_pretrained(model)
+    except (OSError, EnvironmentError) as err:
+        raise UserError(f"cannot load {model}: {str(err).splitlines()[0]}") from err
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.seeds and args.num_images != len(args.seeds) and args.num_images_given:
+        raise UserError(f"--num-images {args.num_images} does not match the {len(args.seeds)} --seeds")
+    seeds = args.seeds or [args.seed + i for i in range(args.num_images)]
+    os.makedirs(args.output_dir, exist_ok=True)
+    pipe = _load_pipeline(args.model)
+    pipe.set_progress_bar_config(desc="DMMD flow")
+    call = {k: getattr(args, k) for k in ("num_inference_steps", "flow_steps_per_level", "step_size") if getattr(args, k)}
+    start = time.perf_counter()
+    images = pipe(num_images=len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds], **call).images
+    seconds = time.perf_counter() - start
+    if args.grid:
+        from .evaluation import save_grid, to_uint8
+
+        path = os.path.join(args.output_dir, "grid.png")
+        save_grid(to_uint8(images), path, nrow=args.nrow)
+        written = [path]
+    else:
+        written = []
+        for seed, image in zip(seeds, images):
+            path = os.path.join(args.output_dir, f"seed{seed}.png")
+            image.save(path)
+            written.append(path)
+    print(f"{len(seeds)} images in {seconds:.1f} s -> {', '.join(written) if len(written) < 4 else args.output_dir}")
+
+
+# ---------------------------------------------------------------------------- train / cache / evaluate
+
+
+def cmd_train(args: argparse.Namespace, rest: list[str]) -> None:
+    if args.num_processes == 1:
+        from .training import main as train_main
+
+        train_main(rest)
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.num_processes),
+               "-m", "latent_dmmd.training", *rest]  # fmt: skip
+        env = os.environ
+    else:  # several CPU processes (gloo): torchrun, as accelerate needs MPI for this
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.num_processes}", "-m",
+               "latent_dmmd.training", *rest]  # fmt: skip
+        env = {**os.environ, "ACCELERATE_USE_CPU": "1",
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.num_processes)))}  # fmt: skip
+    code = subprocess.call(cmd, env=env)
+    if code:
+        raise UserError(f"training exited with status {code}")
+
+
+def cmd_cache(args: argparse.Namespace, rest: list[str]) -> None:
+    from .training import cache_main
+
+    cache_main(rest)
+
+
+def cmd_evaluate(args: argparse.Namespace, rest: list[str]) -> None:
+    from .evaluation import evaluate_main
+
+    record = evaluate_main(rest)
+    m = record["metrics"]
+    print(f"FID {m['fid']:.2f}  KID {m['kid']:.4f} ± {m['kid_std']:.4f}  ({m['num_fake']} generated vs {m['num_real']} reference)")
+
+
+# ---------------------------------------------------------------------------- push / card
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from .hub import push_pipeline_folder
+
+    if not os.path.isdir(args.folder):
+        raise UserError(f"pipeline folder not found: {args.folder}")
+    token = os.environ.get(args.token_env) if args.token_env else None
+    files = push_pipeline_folder(args.folder, args.repo_id, private=args.private, revision=args.revision, token=token)
+    print(f"uploaded {len(files)} files to {args.repo_id}{'@' + args.revision if args.revision else ''}")
+
+
+def cmd_card(args: argparse.Namespace) -> None:
+    from .hub import write_model_card
+
+    if not os.path.isfile(os.path.join(args.folder, "model_index.json")):
+        raise UserError(f"not a pipeline folder (no model_index.json): {args.folder}")
+    for path in (args.metrics, args.config):
+        if path and not os.path.isfile(path):
+            raise UserError(f"file not found: {path}")
+    config = None
+    if args.config:
+        import yaml
+
+        with open(args.config) as f:
+            config = yaml.safe_load(f)
+    path = write_model_card(
+        args.folder, config, metrics_file=args.metrics, sample_grid=args.sample_grid, repo_id=args.repo_id,
+        datasets=args.dataset, data_terms=args.data_terms, vae_note=args.vae_note,
+    )  # fmt: skip
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+PASS_THROUGH = {"train": cmd_train, "cache-latents": cmd_cache, "evaluate": cmd_evaluate}
+
+
+def train_launcher_parser() -> argparse.ArgumentParser:
+    """The one flag ``latent-dmmd train`` reads itself; the rest goes to the training script."""
+    p = argparse.ArgumentParser(prog="latent-dmmd train", add_help=False)
+    p.add_argument("--num-processes", type=_positive_int, default=1,
+                   help="processes: GPUs with CUDA (accelerate), else CPU processes (gloo, torchrun)")  # fmt: skip
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="latent-dmmd",
-        description="DMMD: generative modelling with the diffusion MMD gradient flow.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="latent-dmmd", formatter_class=fmt,
+                                     description="DMMD: generative modelling with the diffusion MMD gradient flow.")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"latent_dmmd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser(
-        "demo",
-        help="train the 2-D toy (~1 min on a CPU) and plot particles flowing onto 8 modes",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    demo = sub.add_parser("demo", formatter_class=fmt,
+                          help="train the 2-D toy (~1 min on a CPU) and plot particles flowing onto 8 modes")  # fmt: skip
     demo.add_argument("--output", default="dmmd_toy.png", help="PNG to write; metrics go next to it as .json")
     demo.add_argument("--train-steps", type=_positive_int, default=2000, help="discriminator training steps")
     demo.add_argument("--num-particles", type=_positive_int, default=1000, help="particles flowed together")
     demo.add_argument("--seed", type=int, default=0, help="seed of data, weights and initial noise")
     demo.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     demo.set_defaults(func=cmd_demo)
+
+    sample = sub.add_parser("sample", formatter_class=fmt, help="generate images from a pipeline folder or Hub id")
+    sample.add_argument("model", help="pipeline folder (save_pretrained) or Hub id user/name")
+    sample.add_argument("--num-images", type=_positive_int, default=8, help="images (particles) generated together")
+    sample.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    sample.add_argument("--seeds", type=int, nargs="+", help="explicit per-image seeds (overrides --seed/--num-images)")
+    sample.add_argument("--num-inference-steps", dest="num_inference_steps", type=_positive_int, default=None,
+                        help="T noise levels (default: the model's scheduler config)")  # fmt: skip
+    sample.add_argument("--flow-steps-per-level", dest="flow_steps_per_level", type=_positive_int, default=None,
+                        help="N_s flow steps per level (default: the model's scheduler config)")  # fmt: skip
+    sample.add_argument("--step-size", dest="step_size", type=_positive_float, default=None,
+                        help="flow step size eta (default: the model's scheduler config)")  # fmt: skip
+    sample.add_argument("--output-dir", default="samples", help="folder for the PNG(s)")
+    sample.add_argument("--no-grid", dest="grid", action="store_false", help="one PNG per image instead of a grid")
+    sample.add_argument("--nrow", type=_positive_int, default=8, help="images per grid row")
+    sample.set_defaults(func=cmd_sample)
+
+    sub.add_parser("train", formatter_class=fmt, add_help=False,
+                   help="train; --num-processes N, other flags go to scripts/train_latent.py (see train --help)")  # fmt: skip
+    sub.add_parser("cache-latents", formatter_class=fmt, add_help=False,
+                   help="encode a dataset into a latent cache (training flags; see cache-latents --help)")  # fmt: skip
+    sub.add_parser("evaluate", formatter_class=fmt, add_help=False,
+                   help="FID/KID of a pipeline against reference images (see evaluate --help)")  # fmt: skip
+
+    push = sub.add_parser("push", formatter_class=fmt, help="upload a pipeline folder (and nothing else) to the Hub")
+    push.add_argument("folder", help="pipeline folder written by save_pretrained / the training script")
+    push.add_argument("repo_id", help="Hub repo id, user/name")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
+    push.add_argument("--revision", default=None, help="branch to upload to (created if missing)")
+    push.add_argument("--token-env", default=None,
+                      help="environment variable holding a token (default: huggingface_hub's own login)")  # fmt: skip
+    push.set_defaults(func=cmd_push)
+
+    card = sub.add_parser("card", formatter_class=fmt, help="write or refresh the model card (README.md) of a pipeline folder")
+    card.add_argument("folder", help="pipeline folder")
+    card.add_argument("--metrics", default=None, help="metrics.json from latent-dmmd evaluate")
+    card.add_argument("--config", default=None, help="training config YAML (default: ../config.yaml if present)")
+    card.add_argument("--sample-grid", default=None, help="PNG path (relative to the folder) shown in the card")
+    card.add_argument("--repo-id", default=None, help="Hub id used in the card's loading code")
+    card.add_argument("--dataset", nargs="+", default=None, help="Hub dataset ids for the card metadata")
+    card.add_argument("--data-terms", default=None, help="terms of the training data, stated under limitations")
+    card.add_argument("--vae-note", default=None, help="how to attach the autoencoder, when it is not in the folder")
+    card.set_defaults(func=cmd_card)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    command = argv[0] if argv else None
     try:
+        if command in PASS_THROUGH:
+            rest = argv[1:]
+            if command == "train":
+                known, rest = train_launcher_parser().parse_known_args(rest)
+            else:
+                known = argparse.Namespace()
+            PASS_THROUGH[command](known, rest)
+            return 0
+        args = parser.parse_args(argv)
+        if command == "sample":
+            args.num_images_given = "--num-images" in argv
         args.func(args)
-    except (UserError, ValueError, FileNotFoundError) as err:
-        print(f"latent-dmmd {args.command}: error: {err}", file=sys.stderr)
+    except (UserError, ValueError, FileNotFoundError, ImportError) as err:
+        print(f"latent-dmmd {command}: error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,89 +1,176 @@
-"""Model cards and sharing helpers."""
+"""Model cards and Hub uploads.
+
+``write_model_card`` renders ``templates/model_card.md`` with huggingface_hub's card tools.
+``push_pipeline_folder`` uploads exactly the files a pipeline folder needs (never training
+state, logs, pickles or anything that could hold a token) through ``HfApi``.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import fnmatch
+import json
+import logging
 import os
+from importlib import resources
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-CARD_TEMPLATE = """---
-{{ card_data }}
----
+logger = logging.getLogger(__name__)
 
-# {{ title }}
-
-A DMMD (diffusion MMD gradient flow) model in {{ space }} space, trained with the
-`latent_dmmd` library (`pip install latent_dmmd`).
-
-```python
-import torch
-from latent_dmmd import DMMDPipeline
-
-pipe = DMMDPipeline.from_pretrained("{{ repo_id }}")
-images = pipe(num_images=8, generator=torch.Generator().manual_seed(0)).images
-```
-
-Plain diffusers: `DiffusionPipeline.from_pretrained("{{ repo_id }}", custom_pipeline="{{ repo_id }}", trust_remote_code=True)`
-(the one-line `pipeline.py` shim imports the installed `latent_dmmd`).
-
-## Training
-
-| | |
-| --- | --- |
-| data | {{ data }} |
-| resolution | {{ resolution }} |
-| autoencoder | {{ vae }} |
-| steps × batch | {{ steps }} × {{ batch }} ({{ processes }} process(es)) |
-| wall-clock | {{ seconds }} s |
-| reference statistics | over {{ reference_count }} training samples |
-
-## Sampler
-
-The scheduler config saved with this model is the sampler behind any number reported here:
-{{ levels }} noise levels × {{ flow_steps }} flow steps, step size {{ step_size }},
-`particle_mean={{ particle_mean }}`.
-
-## Reproducibility and limitations
-
-With `particle_mean="ensemble"` the particles interact: an image depends on the other images
-generated with it, so a per-image seed fixes only its initial noise. DMMD needs the
-discriminator's input gradient at every flow step (about three forward passes per step), so it
-cannot run under `torch.inference_mode()`.
-"""
+# Relative paths (fnmatch patterns) that belong to a pipeline folder; everything else stays home.
+UPLOAD_PATTERNS = (
+    "model_index.json", "README.md", "pipeline.py", "checksums.json", "*.png",
+    "*/config.json", "*/scheduler_config.json", "*/*.safetensors",
+)  # fmt: skip
+NEVER_UPLOAD = ("checkpoint-*", "*/checkpoint-*", "logs/*", ".tmp*", "*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt",
+                "*token*", ".cache/*", "*/.cache/*")  # fmt: skip
 
 
-def write_model_card(folder: str, config, info: dict) -> str:
-    """Render the first model card of a trained pipeline folder (README.md)."""
+def files_to_upload(folder: str) -> list[str]:
+    """The relative paths ``push_pipeline_folder`` uploads from ``folder``, sorted."""
+    chosen = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "checkpoint-", "logs"))]
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+            if any(fnmatch.fnmatch(rel, p) for p in NEVER_UPLOAD):
+                continue
+            if any(fnmatch.fnmatch(rel, p) for p in UPLOAD_PATTERNS):
+                chosen.append(rel)
+    return sorted(chosen)
+
+
+def push_pipeline_folder(
+    folder: str,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload DMMD pipeline",
+    api: HfApi | None = None,
+) -> list[str]:
+    """Create ``repo_id`` (optionally private) and upload the pipeline files of ``folder``,
+    optionally to branch ``revision``. The token is passed through, never written or logged."""
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise ValueError(f"{folder} is not a pipeline folder (no model_index.json)")
+    files = files_to_upload(folder)
+    api = api or HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True, token=token, repo_type="model")
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
+    api.upload_folder(
+        folder_path=folder, repo_id=repo_id, allow_patterns=files, revision=revision,
+        token=token, commit_message=commit_message,
+    )  # fmt: skip
+    logger.info("uploaded %d files of %s to %s%s", len(files), folder, repo_id, f"@{revision}" if revision else "")
+    return files
+
+
+def _template() -> str:
+    return resources.files("latent_dmmd").joinpath("templates/model_card.md").read_text()
+
+
+def write_model_card(
+    folder: str,
+    config=None,
+    info: dict | None = None,
+    *,
+    metrics_file: str | None = None,
+    sample_grid: str | None = None,
+    repo_id: str | None = None,
+    datasets: list[str] | None = None,
+    data_terms: str | None = None,
+    vae_note: str | None = None,
+) -> str:
+    """Render the model card (README.md) of a pipeline folder.
+
+    ``config`` is the training config (dataclass or dict); ``info`` the run summary;
+    ``metrics_file`` a ``metrics.json`` of ``scripts/evaluate.py`` whose numbers and protocol go
+    into both the YAML ``model-index`` and the body.
+    """
+    import dataclasses
+
     from .schedulers import DMMDScheduler
 
+    cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
+    info = info or {}
+    if not cfg and os.path.isfile(os.path.join(folder, "..", "config.yaml")):
+        import yaml
+
+        with open(os.path.join(folder, "..", "config.yaml")) as f:
+            cfg = yaml.safe_load(f) or {}
+    summary_path = os.path.join(folder, "..", "training_summary.json")
+    if not info and os.path.isfile(summary_path):
+        with open(summary_path) as f:
+            info = json.load(f)
     sched = DMMDScheduler.from_pretrained(os.path.join(folder, "scheduler"))
-    cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-    space = "latent" if cfg.get("pretrained_vae") else "pixel"
-    data = ModelCardData(
+    with open(os.path.join(folder, "discriminator", "config.json")) as f:
+        disc = json.load(f)
+    with open(os.path.join(folder, "model_index.json")) as f:
+        has_vae = (json.load(f).get("vae") or [None])[0] is not None
+    space = "latent" if has_vae else "pixel"
+    repo = repo_id or cfg.get("hub_model_id") or "path/to/this/folder"
+    model_name = repo.split("/")[-1]
+
+    metrics, protocol, eval_results = {}, "", None
+    if metrics_file:
+        with open(metrics_file) as f:
+            record = json.load(f)
+        m, proto = record["metrics"], record["protocol"]
+        metrics = {"FID": f"{m['fid']:.2f}", "KID": f"{m['kid']:.4f} ± {m['kid_std']:.4f}",
+                   "generated / reference images": f"{m['num_fake']} / {m['num_real']}"}  # fmt: skip
+        protocol = (f"{proto['nfe']} NFE ({proto['forward_equivalents']} forward-equivalents), "
+                    f"{proto['sampler'].get('particles_per_batch')} particles per batch, reference "
+                    f"{proto['reference']['path']} from index {proto['reference']['first_index']} "
+                    f"({proto['reference']['count']} images at {proto['reference']['resolution']} px), "
+                    f"{proto['feature_extractor']}; {proto['seconds_per_image']} s per image on "
+                    f"{record['environment']['device']}.")  # fmt: skip
+        dataset_name = (datasets or ["custom"])[0]
+        eval_results = [
+            EvalResult(task_type="unconditional-image-generation", dataset_type=dataset_name, dataset_name=dataset_name,
+                       metric_type=name, metric_value=round(float(m[key]), 4), metric_name=name.upper())  # fmt: skip
+            for name, key in (("fid", "fid"), ("kid", "kid"))
+        ]
+    card_data = ModelCardData(
         library_name="latent_dmmd",
         pipeline_tag="unconditional-image-generation",
-        tags=["dmmd", "mmd-gradient-flow", f"{space}-space", "diffusers"],
+        tags=["dmmd", "mmd-gradient-flow", f"{space}-space", "diffusers", "unconditional-image-generation"],
         license="apache-2.0",
+        datasets=datasets,
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results,
     )
+    vae_loader_args = ""
     card = ModelCard.from_template(
-        data,
-        template_str=CARD_TEMPLATE,
-        title=f"DMMD {space}-space model",
+        card_data,
+        template_str=_template(),
+        title=f"DMMD {space}-space model" + (f": {model_name}" if repo_id else ""),
         space=space,
-        repo_id=cfg.get("hub_model_id") or "path/to/this/folder",
-        data=cfg.get("train_data_dir") or cfg.get("dataset_name"),
+        repo_id=repo,
+        vae_loader_args=vae_loader_args,
+        vae_note=vae_note,
+        sample_grid=sample_grid,
+        data=cfg.get("train_data_dir") or cfg.get("dataset_name") or "see the training config",
         resolution=cfg.get("resolution"),
-        vae=cfg.get("pretrained_vae") or "none (pixel space)",
+        vae=cfg.get("pretrained_vae") or ("none (pixel space)" if space == "pixel" else "see vae/config.json"),
+        discriminator=f"UNet2DModel backbone, block_out_channels {disc.get('block_out_channels')}, feature dim "
+        f"{disc.get('projection_dim') or 'flattened output'}",
         steps=cfg.get("max_train_steps"),
         batch=cfg.get("train_batch_size"),
         processes=info.get("num_processes", 1),
         seconds=info.get("train_seconds"),
-        reference_count=info.get("reference_count"),
+        reference_count=disc.get("reference_count"),
+        metrics=metrics,
+        protocol=protocol,
         levels=sched.config.num_inference_steps,
         flow_steps=sched.config.flow_steps_per_level,
+        nfe=sched.config.num_inference_steps * sched.config.flow_steps_per_level,
         step_size=sched.config.step_size,
+        step_size_schedule=sched.config.step_size_schedule,
         particle_mean=sched.config.particle_mean,
+        reference=sched.config.reference,
+        data_terms=data_terms,
     )
     path = os.path.join(folder, "README.md")
     card.save(path)

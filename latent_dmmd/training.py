@@ -698,7 +698,9 @@ def export_pipeline(accelerator, model, ema, scheduler, dataset, config: TrainCo
             json.dump(run_info, f, indent=2)
         logger.info("wrote the pipeline to %s (statistics over %d samples)", folder, stats.count)
         if config.push_to_hub:
-            pipe.push_to_hub(config.hub_model_id, private=config.hub_private)
+            from .hub import push_pipeline_folder
+
+            push_pipeline_folder(folder, config.hub_model_id, private=config.hub_private)
     accelerator.wait_for_everyone()
     return folder
 
@@ -720,3 +722,7 @@ def cache_main(argv: list[str] | None = None) -> str:
                           "latent_shape": list(dataset.tensors["mean"].shape[1:]),
                           "seconds": round(time.time() - start, 1)}))  # fmt: skip
     return config.cache_dir
+
+
+if __name__ == "__main__":  # python -m latent_dmmd.training (what `latent-dmmd train` launches)
+    main()

@@ -27,3 +27,78 @@ def test_console_script_help():
     assert proc.returncode == 0 and "--train-steps" in proc.stdout and "default" in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "latent_dmmd.cli", "demo", "--train-steps", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "must be >= 1" in bad.stderr and "Traceback" not in bad.stderr
+
+
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+
+from .conftest import tiny_pipeline  # noqa: E402
+
+
+@pytest.fixture
+def saved_pipeline(tmp_path):
+    folder = tmp_path / "pipe"
+    tiny_pipeline().save_pretrained(folder)
+    return folder
+
+
+def test_sample_writes_a_grid_or_one_png_per_seed(saved_pipeline, tmp_path, capsys):
+    from PIL import Image
+
+    assert main(["sample", str(saved_pipeline), "--num-images", "3", "--output-dir", str(tmp_path / "g")]) == 0
+    grid = Image.open(tmp_path / "g" / "grid.png")
+    assert grid.size == (3 * 8, 8)
+    assert main(["sample", str(saved_pipeline), "--seeds", "5", "9", "--no-grid", "--output-dir", str(tmp_path / "s")]) == 0
+    assert sorted(os.listdir(tmp_path / "s")) == ["seed5.png", "seed9.png"]
+    # the same seeds through the Python API give the same images
+    import numpy as np
+    import torch
+
+    from latent_dmmd import DMMDPipeline
+
+    pipe = DMMDPipeline.from_pretrained(saved_pipeline)
+    api = pipe(num_images=2, generator=[torch.Generator().manual_seed(s) for s in (5, 9)]).images
+    assert np.array_equal(np.asarray(api[1]), np.asarray(Image.open(tmp_path / "s" / "seed9.png")))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sample", "/no/such/folder"], "neither a pipeline folder nor a Hub id"),
+        (["card", "/no/such/folder"], "not a pipeline folder"),
+        (["push", "/no/such/folder", "me/x"], "pipeline folder not found"),
+    ],
+)
+def test_user_mistakes_are_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+
+
+def test_bad_flag_value_exits_2_with_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "x/y", "--num-images", "0"])
+    assert exit_info.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+
+
+def test_card_command_renders_metadata_and_the_loader(saved_pipeline, tmp_path):
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({
+        "metrics": {"fid": 12.345, "kid": 0.0123, "kid_std": 0.001, "num_fake": 500, "num_real": 500},
+        "protocol": {"nfe": 100, "forward_equivalents": 300, "sampler": {"particles_per_batch": 100},
+                     "reference": {"path": "faces", "first_index": 3500, "count": 500, "resolution": 64},
+                     "feature_extractor": "FID Inception", "seconds_per_image": 0.1},
+        "environment": {"device": "cpu"},
+    }))  # fmt: skip
+    assert main(["card", str(saved_pipeline), "--metrics", str(metrics), "--repo-id", "me/dmmd-tiny",
+                 "--dataset", "celebahq-4k", "--data-terms", "non-commercial research only"]) == 0  # fmt: skip
+    card = (saved_pipeline / "README.md").read_text()
+    meta = card.split("---")[1]
+    for line in ("library_name: latent_dmmd", "pipeline_tag: unconditional-image-generation", "- dmmd",
+                 "- pixel-space", "license: apache-2.0", "- celebahq-4k", "name: FID", "value: 12.345"):  # fmt: skip
+        assert line in meta, line
+    body = card.split("---", 2)[2]
+    first_code = body.split("```python", 1)[1].split("```", 1)[0]
+    assert 'DMMDPipeline.from_pretrained("me/dmmd-tiny")' in first_code
+    assert "non-commercial research only" in body and "interact" in body and "100 NFE" in body

@@ -87,6 +87,25 @@ class DMMDPipeline(DiffusionPipeline):
         write_checksums(str(save_directory))
         write_loader_shim(save_directory)
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool = False,
+        revision: str | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload DMMD pipeline",
+        **kwargs,
+    ) -> list[str]:
+        """Save to a temporary folder and upload the pipeline files only (see ``latent_dmmd.hub``)."""
+        import tempfile
+
+        from ..hub import push_pipeline_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return push_pipeline_folder(tmp, repo_id, private=private, revision=revision, token=token,
+                                        commit_message=commit_message, api=kwargs.get("api"))  # fmt: skip
+
     def enable_xformers_memory_efficient_attention(self, attention_op: Callable | None = None):
         if not torch.cuda.is_available():
             raise ValueError(

