@@ -85,6 +85,8 @@ class TrainConfig:
     timestep_spacing: str | None = _f(None, "sampling grid spacing: linear or log_snr")
     particle_mean: str | None = _f(None, "ensemble or forward_marginal")
     train_timestep_sampling: str | None = _f(None, "uniform, log_snr or grid")
+    # method
+    method: str = _f("dmmd", "dmmd, or ddpm: the epsilon-prediction baseline on the same UNet backbone and forward process")
     # loss
     group_size: int = _f(16, "samples per noise-level group (each group's MMD uses this many pairs)")
     lambda_l2: float = _f(1e-3, "weight of the l2 regulariser")
@@ -147,6 +149,8 @@ class TrainConfig:
         """Refuse inconsistent settings before any work is done."""
         if self.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ValueError("--mixed_precision fp16 needs a CUDA GPU; on this machine use bf16 or no")
+        if self.method not in ("dmmd", "ddpm"):
+            raise ValueError(f"--method must be dmmd or ddpm, got {self.method!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"--mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.group_size < 2 or self.train_batch_size % self.group_size:
@@ -522,6 +526,8 @@ def main(argv: list[str] | None = None) -> str | None:
             vae_id = vae_identity(train_vae, config.pretrained_vae)
             sample_shape = tuple(encode_images(train_vae, probe["pixel_values"][None].to(accelerator.device)).mean.shape[1:])
     model, scheduler = build_models(config, sample_shape[-1], sample_shape[0])
+    if config.method == "ddpm":
+        model = model.unet  # the same backbone, trained as an epsilon-prediction network
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
 
@@ -567,7 +573,12 @@ def main(argv: list[str] | None = None) -> str | None:
             skipped_images += int(batch.get("skipped", 0))
             with accelerator.accumulate(model):
                 x0, index = training_batch(batch, config, global_step, micro, accelerator.device, train_vae)
-                out = dmmd_step_loss(model, scheduler, x0, index, config, global_step, micro)
+                if config.method == "ddpm":
+                    from .baselines import ddpm_step_loss
+
+                    out = ddpm_step_loss(model, scheduler, x0, index, config.seed, global_step, micro)
+                else:
+                    out = dmmd_step_loss(model, scheduler, x0, index, config, global_step, micro)
                 # every process must agree to skip, or DDP would wait for a backward that never comes
                 finite = torch.tensor([0.0 if out is None or not torch.isfinite(out.loss) else 1.0], device=accelerator.device)
                 if accelerator.reduce(finite, "sum").item() == accelerator.num_processes:
@@ -601,14 +612,15 @@ def main(argv: list[str] | None = None) -> str | None:
             global_step += 1
             bar.update(1)
             if global_step % config.log_every == 0:
-                logs = {"loss": out.loss.item(), "mmd2": out.mmd2.item(), "l2": out.l2.item(),
-                        "gradient_penalty": out.gradient_penalty.item(), "feature_norm": out.feature_norm.item(),
-                        "lr": lr_scheduler.get_last_lr()[0]}  # fmt: skip
-                bar.set_postfix(loss=f"{logs['loss']:.4g}", mmd2=f"{logs['mmd2']:.3g}")
+                logs = {"loss": out.loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+                if config.method == "dmmd":
+                    logs.update(mmd2=out.mmd2.item(), l2=out.l2.item(), gradient_penalty=out.gradient_penalty.item(),
+                                feature_norm=out.feature_norm.item())  # fmt: skip
+                bar.set_postfix(loss=f"{logs['loss']:.4g}")
                 accelerator.log(logs, step=global_step)
             if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps:
                 save_checkpoint(accelerator, config.output_dir, global_step, config.checkpoints_total_limit)
-            if config.validation_steps and global_step % config.validation_steps == 0:
+            if config.validation_steps and global_step % config.validation_steps == 0 and config.method == "dmmd":
                 validate(accelerator, model, ema, scheduler, dataset, config, global_step, train_vae)
             if global_step >= config.max_train_steps:
                 break
@@ -617,6 +629,11 @@ def main(argv: list[str] | None = None) -> str | None:
     if skipped_images:
         logger.warning("skipped %d unreadable images during training", skipped_images)
 
+    if config.method == "ddpm":
+        path = export_baseline(accelerator, model, ema, scheduler, config, {"train_seconds": round(time.time() - start, 1),
+                               "bad_steps": bad_total, "num_processes": accelerator.num_processes})  # fmt: skip
+        accelerator.end_training()
+        return path
     path = export_pipeline(accelerator, model, ema, scheduler, dataset, config, vae_id, train_vae,
                            {"train_seconds": round(time.time() - start, 1), "skipped_images": skipped_images,
                             "bad_steps": bad_total, "num_processes": accelerator.num_processes})  # fmt: skip
@@ -670,6 +687,28 @@ def validate(accelerator, model, ema, scheduler, dataset, config: TrainConfig, s
             import numpy as np
 
             tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC" if grid.mode == "RGB" else "HW")
+
+
+def export_baseline(accelerator, model, ema, scheduler, config: TrainConfig, run_info: dict) -> str:
+    """Write ``<output_dir>/baseline``: the EMA epsilon UNet (``unet/``), the DDPM scheduler with
+    the same betas (``scheduler/``) and, in latent space, the VAE (``vae/``)."""
+    from .baselines import baseline_scheduler
+
+    folder = os.path.join(config.output_dir, "baseline")
+    if accelerator.is_main_process:
+        unet = _ema_model(accelerator, model, ema).to("cpu")
+        unet.save_pretrained(os.path.join(folder, "unet"))
+        baseline_scheduler(scheduler, "ddpm").save_pretrained(os.path.join(folder, "scheduler"))
+        if config.latent:
+            from .autoencoders import load_autoencoder
+
+            load_autoencoder(config.pretrained_vae, config.vae_subfolder, config.vae_revision).save_pretrained(
+                os.path.join(folder, "vae")
+            )
+        with open(os.path.join(config.output_dir, "training_summary.json"), "w") as f:
+            json.dump(run_info | {"method": "ddpm"}, f, indent=2)
+    accelerator.wait_for_everyone()
+    return folder
 
 
 def export_pipeline(accelerator, model, ema, scheduler, dataset, config: TrainConfig, vae_id, train_vae, run_info: dict):

@@ -170,3 +170,22 @@ def test_latent_training_without_a_cache_encodes_every_batch(tmp_path):
                  "--cache_latents", "false", "--random_flip", "true", steps=2)  # fmt: skip
     assert not (tmp_path / "out" / "latent_cache").exists()
     assert load(folder)(num_images=2, output_type="np").images.shape == (2, 16, 16, 3)
+
+
+def test_ddpm_baseline_trains_the_same_backbone_and_samples_with_ddpm_and_ddim(tmp_path):
+    from diffusers import UNet2DModel
+
+    from latent_dmmd.baselines import baseline_scheduler, sample_baseline
+    from latent_dmmd.schedulers import DMMDScheduler
+
+    folder = run(tmp_path, "--method", "ddpm", steps=3)
+    unet = UNet2DModel.from_pretrained(os.path.join(folder, "unet"))
+    dmmd_unet = run(tmp_path / "d", data=str(tmp_path / "imgs"), steps=1)
+    disc = DMMDPipeline.from_pretrained(dmmd_unet).discriminator.unet
+    assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in disc.parameters())
+    ours = DMMDScheduler()
+    for kind in ("ddpm", "ddim"):
+        sched = baseline_scheduler(ours, kind)
+        assert torch.equal(sched.alphas_cumprod, ours.alphas_cumprod)
+        images = sample_baseline(unet, sched, 2, 5, generator=torch.Generator().manual_seed(0))
+        assert images.shape == (2, 3, 8, 8) and torch.isfinite(images).all()

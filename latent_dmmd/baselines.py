@@ -1,0 +1,73 @@
+"""The DDPM baseline: epsilon prediction on the same UNet backbone and forward process.
+
+``DMMDDiscriminator.unet`` is a ``UNet2DModel`` whose output has the input's channels, which is
+exactly an epsilon-prediction network; the baseline trains that same backbone with the
+denoising loss. Sampling uses diffusers' ``DDPMScheduler`` or ``DDIMScheduler`` built from the
+DMMD scheduler's betas, so both models share the forward process bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from tqdm.auto import tqdm
+
+from .seeding import keyed_generator, keyed_randn
+
+
+@dataclass
+class DDPMLossOutput:
+    loss: torch.Tensor
+
+
+def ddpm_step_loss(unet, scheduler, x0: torch.Tensor, index: torch.Tensor, seed: int, step: int, micro: int):
+    """Epsilon-prediction MSE with one keyed level and noise per sample."""
+    keys = [int(i) for i in index]
+    t = torch.cat([scheduler.sample_training_timesteps(1, keyed_generator(seed, "t", step, micro, k)) for k in keys])
+    t = t.to(x0.device)
+    eps = keyed_randn([(seed, "eps", step, micro, k) for k in keys], x0.shape[1:], device=x0.device, dtype=x0.dtype)
+    xt = scheduler.add_noise(x0, eps, t)
+    pred = unet(xt, t).sample
+    return DDPMLossOutput(loss=torch.nn.functional.mse_loss(pred.float(), eps.float()))
+
+
+def baseline_scheduler(dmmd_scheduler, kind: str = "ddim"):
+    """A diffusers DDPM or DDIM scheduler with the same betas as a ``DMMDScheduler``."""
+    c = dmmd_scheduler.config
+    kwargs = dict(num_train_timesteps=c.num_train_timesteps, beta_start=c.beta_start, beta_end=c.beta_end,
+                  beta_schedule=c.beta_schedule, trained_betas=c.trained_betas, clip_sample=False)  # fmt: skip
+    if kind == "ddpm":
+        return DDPMScheduler(**kwargs)
+    if kind == "ddim":
+        return DDIMScheduler(**kwargs, set_alpha_to_one=True)
+    raise ValueError(f"unknown baseline sampler {kind!r}: ddpm or ddim")
+
+
+@torch.no_grad()
+def sample_baseline(
+    unet: UNet2DModel,
+    scheduler,
+    num_images: int,
+    num_inference_steps: int,
+    generator: list[torch.Generator] | torch.Generator | None = None,
+    vae=None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Images in [-1, 1] (B, C, H, W) from the epsilon network with a DDPM/DDIM scheduler (NFE = steps)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from .autoencoders import decode_latents
+
+    c = unet.config
+    device = next(unet.parameters()).device
+    x = randn_tensor((num_images, c.in_channels, c.sample_size, c.sample_size), generator=generator, device=device)
+    scheduler.set_timesteps(num_inference_steps)
+    step_kwargs = {"generator": generator[0] if isinstance(generator, list) else generator}
+    if isinstance(scheduler, DDIMScheduler):
+        step_kwargs = {"eta": 0.0}
+    for t in tqdm(scheduler.timesteps, disable=not progress, desc=type(scheduler).__name__):
+        eps = unet(x, t).sample
+        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+    return decode_latents(vae, x) if vae is not None else x
