@@ -131,14 +131,16 @@ def dmmd_loss(
     gp_target: float = 1.0,
     generator: torch.Generator | None = None,
     interpolation: torch.Tensor | None = None,
+    phi_penalty: FeatureFn | None = None,
 ) -> DMMDLossOutput:
     """DMMD discriminator loss of §3, minimised: ``-MMD²_u + λ_l2 R_l2 + λ_gp R_gp``.
 
     ``x0`` and ``xt`` (B, …) are clean samples and their forward-noised copies; ``t`` (B,)
-    holds one noise level per group of ``B / num_groups`` consecutive samples. Clean, noisy
-    and interpolated samples (``x_hat = u x0 + (1 - u) xt`` with ``u`` given as
-    ``interpolation`` (B,) or drawn from ``generator``) go through one batched forward; the
-    gradient penalty then needs a double backward.
+    holds one noise level per group of ``B / num_groups`` consecutive samples. Clean and noisy
+    samples go through one batched forward; the gradient penalty runs the interpolates
+    ``x_hat = u x0 + (1 - u) xt`` (``u`` given as ``interpolation`` (B,) or drawn from
+    ``generator``) through ``phi_penalty`` (default ``phi``; under DDP, the unwrapped module, whose
+    gradients reach the same parameters in the same backward) and needs a double backward.
     """
     batch = x0.shape[0]
     if batch % num_groups:
@@ -147,18 +149,7 @@ def dmmd_loss(
     if size < 2:
         raise ValueError(f"each of the {num_groups} groups needs at least 2 samples, got {size}")
 
-    if lambda_gp:
-        if interpolation is None:
-            u = torch.rand((batch,) + (1,) * (x0.dim() - 1), generator=generator, dtype=x0.dtype).to(x0.device)
-        else:
-            u = interpolation.to(x0.device, x0.dtype).view((batch,) + (1,) * (x0.dim() - 1))
-        x_hat = (u * x0 + (1 - u) * xt).detach().requires_grad_(True)
-        # one forward for clean, noisy and interpolated samples (what DDP expects); math attention
-        # because the penalty needs a double backward
-        with math_attention():
-            features = phi(torch.cat([x0, xt, x_hat]), torch.cat([t, t, t]))
-    else:
-        features = phi(torch.cat([x0, xt]), torch.cat([t, t]))
+    features = phi(torch.cat([x0, xt]), torch.cat([t, t]))
     a, b = features[:batch].view(num_groups, size, -1), features[batch : 2 * batch].view(num_groups, size, -1)
     mmd2 = mmd2_unbiased(a, b)
     # witness direction per group: m_noisy - m_clean (the MMD-flow sign convention)
@@ -172,9 +163,17 @@ def dmmd_loss(
         raise ValueError(f"unknown l2_mode {l2_mode!r}; expected 'feature' or 'witness'")
 
     if lambda_gp:
-        f_hat = features[2 * batch :].view(num_groups, size, -1)
-        witness = torch.einsum("gnd,gd->gn", f_hat, g).sum()
-        (grad,) = torch.autograd.grad(witness, x_hat, create_graph=True)
+        if interpolation is None:
+            u = torch.rand((batch,) + (1,) * (x0.dim() - 1), generator=generator, dtype=x0.dtype).to(x0.device)
+        else:
+            u = interpolation.to(x0.device, x0.dtype).view((batch,) + (1,) * (x0.dim() - 1))
+        x_hat = (u * x0 + (1 - u) * xt).detach().requires_grad_(True)
+        # a separate forward keeps the double-backward graph to the B interpolates (a joint forward
+        # over all 3B inputs made the penalty ~3x dearer); math attention has a double backward
+        with math_attention():
+            f_hat = (phi_penalty or phi)(x_hat, t).view(num_groups, size, -1)
+            witness = torch.einsum("gnd,gd->gn", f_hat, g).sum()
+            (grad,) = torch.autograd.grad(witness, x_hat, create_graph=True)
         gp = (_flat(grad).norm(dim=1) - gp_target).square().mean()
     else:
         gp = features.new_zeros(())

@@ -269,7 +269,9 @@ def training_batch(
     return mean.to(device), index
 
 
-def dmmd_step_loss(model, scheduler, x0: torch.Tensor, index: torch.Tensor, config: TrainConfig, step: int, micro: int):
+def dmmd_step_loss(
+    model, scheduler, x0: torch.Tensor, index: torch.Tensor, config: TrainConfig, step: int, micro: int, penalty_model=None
+):
     """The DMMD loss of one micro-batch with randomness keyed by (seed, step, sample index).
 
     Samples are grouped in consecutive runs of ``group_size``; a trailing partial group (only
@@ -291,7 +293,7 @@ def dmmd_step_loss(model, scheduler, x0: torch.Tensor, index: torch.Tensor, conf
     xt = scheduler.add_noise(x0, eps, t)
     return dmmd_loss(
         model, x0, xt, t, groups, lambda_l2=config.lambda_l2, lambda_gp=config.lambda_gp,
-        l2_mode=config.l2_mode, gp_target=config.gp_target, interpolation=u,
+        l2_mode=config.l2_mode, gp_target=config.gp_target, interpolation=u, phi_penalty=penalty_model,
     )  # fmt: skip
 
 
@@ -578,7 +580,8 @@ def main(argv: list[str] | None = None) -> str | None:
 
                     out = ddpm_step_loss(model, scheduler, x0, index, config.seed, global_step, micro)
                 else:
-                    out = dmmd_step_loss(model, scheduler, x0, index, config, global_step, micro)
+                    out = dmmd_step_loss(model, scheduler, x0, index, config, global_step, micro,
+                                         penalty_model=accelerator.unwrap_model(model))  # fmt: skip
                 # every process must agree to skip, or DDP would wait for a backward that never comes
                 finite = torch.tensor([0.0 if out is None or not torch.isfinite(out.loss) else 1.0], device=accelerator.device)
                 if accelerator.reduce(finite, "sum").item() == accelerator.num_processes:
