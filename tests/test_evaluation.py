@@ -52,3 +52,24 @@ def test_fid_is_near_zero_for_the_same_set_and_larger_for_a_different_one(incept
     assert abs(same["fid"]) < 1e-3 and abs(same["kid"]) < 0.01
     assert other["fid"] > 10 and other["kid"] > 0.05
     assert other["num_real"] == 40 and other["num_fake"] == 40
+
+
+def test_evaluate_script_writes_metrics_with_protocol(inception, tmp_path):
+    import json
+
+    from latent_dmmd.evaluation import evaluate_main
+
+    from .conftest import tiny_pipeline, write_image_folder
+
+    tiny_pipeline().save_pretrained(tmp_path / "pipe")
+    write_image_folder(tmp_path / "ref", n=8, size=8)
+    out = tmp_path / "m" / "metrics.json"
+    evaluate_main([str(tmp_path / "pipe"), "--reference", str(tmp_path / "ref"), "--num_samples", "6",
+                   "--batch_size", "3", "--kid_subset_size", "4", "--output", str(out)])  # fmt: skip
+    record = json.loads(out.read_text())
+    assert record["metrics"]["num_fake"] == 6 and record["metrics"]["num_real"] == 8
+    proto = record["protocol"]
+    assert proto["nfe"] == 6 and proto["forward_equivalents"] == 18 and proto["sampler"]["particles_per_batch"] == 3
+    assert proto["reference"]["resolution"] == 8 and "bilinear" in proto["feature_extractor"]
+    assert {"torch", "diffusers", "torchmetrics", "device"} <= set(record["environment"])
+    assert (tmp_path / "m" / "metrics_samples.png").exists()
