@@ -24,6 +24,21 @@ def timeit(fn, repeats: int = 5, warmup: int = 1) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
 
 
+def timeit_pair(a, b, repeats: int = 5, warmup: int = 1) -> tuple[dict, dict]:
+    """Time ``a()`` and ``b()`` alternately, so both see the same machine noise."""
+    for _ in range(warmup):
+        a()
+        b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, out in ((a, ta), (b, tb)):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    summary = lambda ts: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "repeats": repeats}  # noqa: E731
+    return summary(ta), summary(tb)
+
+
 def write(name: str, record: dict) -> str:
     from latent_dmmd.evaluation import environment
 
