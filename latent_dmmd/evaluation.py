@@ -216,18 +216,25 @@ def generate(pipe, num_samples: int, batch_size: int, seed: int = 0, **call_kwar
     return torch.cat(out), time.perf_counter() - start
 
 
-def save_grid(images: torch.Tensor, path: str, nrow: int = 8) -> None:
-    """Save uint8 images (B, 3, H, W) as one PNG grid."""
-    from PIL import Image
-
+def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
+    """uint8 images (B, 3, H, W) tiled into one (rows·H, nrow·W, 3) array, white where empty."""
     n, _, h, w = images.shape
     rows = (n + nrow - 1) // nrow
     grid = torch.full((3, rows * h, min(n, nrow) * w), 255, dtype=torch.uint8)
     for k in range(n):
         r, c = divmod(k, nrow)
         grid[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = images[k]
+    return grid.permute(1, 2, 0).numpy()
+
+
+def save_grid(images: torch.Tensor, path: str, nrow: int = 8) -> np.ndarray:
+    """Save uint8 images (B, 3, H, W) as one PNG grid; returns the grid array."""
+    from PIL import Image
+
+    grid = image_grid(images, nrow)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    Image.fromarray(grid).save(path)
+    return grid
 
 
 def evaluate_main(argv: list[str] | None = None) -> dict:

@@ -387,22 +387,6 @@ def distributed_reference_statistics(accelerator, model, dataset, scheduler, con
     )  # fmt: skip
 
 
-def make_grid(images: torch.Tensor, nrow: int | None = None):
-    """(N, C, H, W) in [-1, 1] -> one PIL image grid."""
-    import numpy as np
-    from PIL import Image
-
-    n, c, h, w = images.shape
-    nrow = nrow or int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / nrow))
-    grid = torch.ones(c, rows * h, nrow * w)
-    for k in range(n):
-        r, q = divmod(k, nrow)
-        grid[:, r * h : (r + 1) * h, q * w : (q + 1) * w] = (images[k].float().clamp(-1, 1) + 1) / 2
-    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(arr[..., 0] if c == 1 else arr[..., :3])
-
-
 # ---------------------------------------------------------------------------- main
 
 
@@ -681,15 +665,13 @@ def validate(accelerator, model, ema, scheduler, dataset, config: TrainConfig, s
     pipe.set_progress_bar_config(disable=True)
     images = pipe(num_images=config.num_validation_images, generator=torch.Generator().manual_seed(config.seed),
                   output_type="pt").images  # fmt: skip
-    grid = make_grid(images * 2 - 1)
-    folder = os.path.join(config.output_dir, "validation")
-    os.makedirs(folder, exist_ok=True)
-    grid.save(os.path.join(folder, f"step-{step:06d}.png"))
+    from .evaluation import save_grid, to_uint8
+
+    grid = save_grid(to_uint8(images.cpu()), os.path.join(config.output_dir, "validation", f"step-{step:06d}.png"),
+                     nrow=int(math.ceil(math.sqrt(len(images)))))  # fmt: skip
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            import numpy as np
-
-            tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC" if grid.mode == "RGB" else "HW")
+            tracker.writer.add_image("validation", grid, step, dataformats="HWC")
 
 
 def export_baseline(accelerator, model, ema, scheduler, config: TrainConfig, run_info: dict) -> str:

@@ -150,8 +150,11 @@ def test_every_shipped_config_resolves(name, capsys):
 
 def test_gradient_accumulation_and_bf16_run(tmp_path):
     folder = run(tmp_path, "--gradient_accumulation_steps", "2", "--mixed_precision", "bf16", "--use_ema", "false",
-                 steps=2)  # fmt: skip
+                 "--validation_steps", "2", "--num_validation_images", "4", steps=2)  # fmt: skip
     assert [s for s, _ in list_checkpoints(tmp_path / "out")] == [2]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "out" / "validation" / "step-000002.png").size == (2 * 8, 2 * 8)
     assert load(folder)(num_images=2, output_type="latent").images.dtype == torch.float32
 
 
