@@ -264,6 +264,13 @@ class CacheMeta:
         return bad
 
 
+def _default_mode() -> int:
+    """The permissions a plain ``open(..., "w")`` would give (mkstemp files are 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_save(tensors: dict, path: str) -> None:
     """Write safetensors to a temporary file in the same folder, then rename into place."""
     folder = os.path.dirname(path)
@@ -271,6 +278,7 @@ def _atomic_save(tensors: dict, path: str) -> None:
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -282,6 +290,7 @@ def _atomic_write_json(obj, path: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2)
+    os.chmod(tmp, _default_mode())
     os.replace(tmp, path)
 
 

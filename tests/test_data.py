@@ -169,3 +169,12 @@ def test_deterministic_autoencoder_cache_stores_no_std(tmp_path):
     write_cache_meta(str(tmp_path / "c"), _meta(vae, count=3, flip_variants=False))
     cached = LatentCacheDataset(str(tmp_path / "c"))
     assert cached.deterministic and "std" not in cached[0]
+
+
+def test_cache_files_get_ordinary_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = write_cache_shard(str(tmp_path), {"index": torch.arange(2), "mean": torch.zeros(2, 1)}, 0, 1)
+    finally:
+        os.umask(old)
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o644)  # readable by the group, like any written file
