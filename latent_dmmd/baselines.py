@@ -33,9 +33,10 @@ def ddpm_step_loss(unet, scheduler, x0: torch.Tensor, index: torch.Tensor, seed:
     return DDPMLossOutput(loss=torch.nn.functional.mse_loss(pred.float(), eps.float()))
 
 
-def baseline_scheduler(dmmd_scheduler, kind: str = "ddim"):
-    """A diffusers DDPM or DDIM scheduler with the same betas as a ``DMMDScheduler``."""
-    c = dmmd_scheduler.config
+def baseline_scheduler(source_scheduler, kind: str = "ddim"):
+    """A diffusers DDPM or DDIM scheduler with the same betas as ``source_scheduler``
+    (a ``DMMDScheduler`` or the saved ``DDPMScheduler`` of a baseline: their config names match)."""
+    c = source_scheduler.config
     kwargs = dict(num_train_timesteps=c.num_train_timesteps, beta_start=c.beta_start, beta_end=c.beta_end,
                   beta_schedule=c.beta_schedule, trained_betas=c.trained_betas, clip_sample=False)  # fmt: skip
     if kind == "ddpm":

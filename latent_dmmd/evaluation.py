@@ -227,6 +227,18 @@ def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
     return grid.permute(1, 2, 0).numpy()
 
 
+@torch.no_grad()
+def output_resolution(pipe) -> int:
+    """Side of the images a pipeline produces (one decode of a zero latent in latent space)."""
+    size = pipe.discriminator.config.sample_size
+    if pipe.vae is None:
+        return size
+    from .autoencoders import decode_latents
+
+    z = torch.zeros(1, pipe.discriminator.config.in_channels, size, size)
+    return int(decode_latents(pipe.vae, z.to(next(pipe.vae.parameters()).device)).shape[-1])
+
+
 def save_grid(images: torch.Tensor, path: str, nrow: int = 8) -> np.ndarray:
     """Save uint8 images (B, 3, H, W) as one PNG grid; returns the grid array."""
     from PIL import Image

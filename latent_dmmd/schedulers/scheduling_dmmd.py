@@ -127,7 +127,7 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
         if mode == "uniform":
             t = torch.randint(0, n, (num_groups,), generator=generator)
         elif mode == "grid":
-            grid = self._grid(self.config.num_inference_steps)
+            grid = self.grid(self.config.num_inference_steps)
             t = grid[torch.randint(0, len(grid), (num_groups,), generator=generator)]
         else:
             all_snr = self.log_snr(torch.arange(n))
@@ -137,7 +137,8 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
         return t.to(device)
 
     # ------------------------------------------------------------------ sampling grid
-    def _grid(self, num_inference_steps: int) -> torch.Tensor:
+    def grid(self, num_inference_steps: int) -> torch.Tensor:
+        """The levels ``t_1 > … > t_T`` of a grid of ``num_inference_steps`` levels (without setting it)."""
         c = self.config
         if c.timestep_spacing == "linear":
             grid = np.linspace(c.t_max, c.t_min, num_inference_steps).round().astype(np.int64)
@@ -158,7 +159,7 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         self.num_inference_steps = num_inference_steps
-        self.timesteps = self._grid(num_inference_steps).to(device)
+        self.timesteps = self.grid(num_inference_steps).to(device)
         self._level = {int(t): k for k, t in enumerate(self.timesteps)}
 
     def step_sizes(self, step_size: float | None = None) -> list[float]:

@@ -1,0 +1,131 @@
+"""Benchmark a: FID/KID against NFE, DMMD (several T x N_s splits) vs DDIM and DDPM on the same
+backbone, forward process and data.
+
+    python benchmarks/quality_vs_nfe.py --dmmd outputs/celebahq_taef2_64/pipeline \
+        --ddpm outputs/celebahq_taef2_64_ddpm/baseline --reference ../shared/data/celebahq256/images \
+        --reference_first_index 3500 --reference_count 500 --num_samples 500 --name quality_celebahq64
+
+DMMD splits at NFE n use T levels x n/T steps for each T in --levels that divides n; the
+statistics must exist for those grids (compute them with --recompute_statistics, which uses
+--statistics_data). Writes benchmarks/results/<name>.{json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from common import plt, write
+
+
+def dmmd_points(pipe, nfes, levels_list, args, metric, stats_data):
+    from latent_dmmd.evaluation import generate
+    from latent_dmmd.reference import compute_reference_statistics
+
+    rows = []
+    grids = sorted({t for n in nfes for t in levels_list if n % t == 0 and n // t >= 1})
+    if stats_data is not None:  # statistics for the union of the grids, with the model's weights
+        sched = pipe.scheduler
+        times = torch.cat([sched.grid(t) for t in grids]).unique().flip(0)
+        pipe.discriminator.set_reference_statistics(
+            compute_reference_statistics(pipe.discriminator, stats_data.split(256), times, sched.alphas_cumprod,
+                                         generator=torch.Generator().manual_seed(0)),  # fmt: skip
+            vae=pipe.vae,
+        )
+    for n in nfes:
+        for t in levels_list:
+            if n % t:
+                continue
+            images, seconds = generate(pipe, args.num_samples, args.batch_size, args.seed,
+                                       num_inference_steps=t, flow_steps_per_level=n // t)  # fmt: skip
+            metric.reset_fake()
+            metric.update(images, real=False)
+            m = metric.compute()
+            rows.append({"method": "dmmd", "nfe": n, "levels": t, "flow_steps": n // t, "forward_equivalents": 3 * n,
+                         "seconds_per_image": seconds / args.num_samples, **m})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def baseline_points(folder, nfes, args, metric):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from latent_dmmd.autoencoders import load_autoencoder
+    from latent_dmmd.baselines import baseline_scheduler, sample_baseline
+    from latent_dmmd.evaluation import to_uint8
+
+    unet = UNet2DModel.from_pretrained(os.path.join(folder, "unet")).eval()
+    vae = load_autoencoder(os.path.join(folder, "vae")) if os.path.isdir(os.path.join(folder, "vae")) else None
+    betas = DDPMScheduler.from_pretrained(os.path.join(folder, "scheduler"))  # same betas as the DMMD model
+    rows = []
+    for kind in ("ddim", "ddpm"):
+        sched = baseline_scheduler(betas, kind)
+        for n in nfes:
+            start, chunks = time.perf_counter(), []
+            for first in range(0, args.num_samples, args.batch_size):
+                k = min(args.batch_size, args.num_samples - first)
+                gens = [torch.Generator().manual_seed(args.seed + first + i) for i in range(k)]
+                chunks.append(to_uint8(((sample_baseline(unet, sched, k, n, gens, vae) + 1) / 2).clamp(0, 1)))
+            seconds = time.perf_counter() - start
+            metric.reset_fake()
+            metric.update(torch.cat(chunks), real=False)
+            rows.append({"method": kind, "nfe": n, "forward_equivalents": n,
+                         "seconds_per_image": seconds / args.num_samples, **metric.compute()})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dmmd", required=True, help="DMMD pipeline folder")
+    p.add_argument("--ddpm", default=None, help="baseline folder written by --method ddpm (unet/, scheduler/, vae/)")
+    p.add_argument("--reference", required=True, help="reference images (folder or IDX file)")
+    p.add_argument("--reference_first_index", type=int, default=0, help="first reference image")
+    p.add_argument("--reference_count", type=int, default=None, help="reference images (default: all)")
+    p.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50, 100], help="NFE values")
+    p.add_argument("--levels", type=int, nargs="+", default=[5, 10], help="DMMD T values to split each NFE into")
+    p.add_argument("--num_samples", type=int, default=500, help="generated images per point")
+    p.add_argument("--batch_size", type=int, default=100, help="images per flow / sampler call")
+    p.add_argument("--seed", type=int, default=0, help="first per-image seed")
+    p.add_argument("--kid_subset_size", type=int, default=100, help="KID subset size")
+    p.add_argument("--statistics_data", default=None,
+                   help="latent cache or image folder to recompute statistics for every grid (default: stored ones)")  # fmt: skip
+    p.add_argument("--name", default="quality_vs_nfe", help="output file stem in benchmarks/results")
+    args = p.parse_args()
+
+    from latent_dmmd import DMMDPipeline
+    from latent_dmmd.data import LatentCacheDataset
+    from latent_dmmd.evaluation import FIDKID, output_resolution, reference_images
+
+    pipe = DMMDPipeline.from_pretrained(args.dmmd)
+    pipe.set_progress_bar_config(disable=True)
+    stats_data = None
+    if args.statistics_data:
+        stats_data = LatentCacheDataset(args.statistics_data).tensors["mean"]
+    metric = FIDKID(kid_subset_size=args.kid_subset_size)
+    resolution = output_resolution(pipe)
+    for batch in reference_images(args.reference, resolution, args.reference_first_index, args.reference_count):
+        metric.update(batch, real=True)
+    rows = dmmd_points(pipe, args.nfe, args.levels, args, metric, stats_data)
+    if args.ddpm:
+        rows += baseline_points(args.ddpm, args.nfe, args, metric)
+    path = write(args.name, {"benchmark": "FID/KID vs NFE", "args": vars(args), "rows": rows})
+    pyplot = plt()
+    fig, ax = pyplot.subplots(figsize=(6, 4))
+    for label in sorted({(r["method"], r.get("levels")) for r in rows}, key=str):
+        sel = [r for r in rows if (r["method"], r.get("levels")) == label]
+        name = f"DMMD T={label[1]}" if label[0] == "dmmd" else label[0].upper()
+        ax.plot([r["nfe"] for r in sel], [r["fid"] for r in sel], "o-", label=name)
+    ax.set(xscale="log", xlabel="NFE", ylabel=f"FID ({args.num_samples} samples)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path.replace(".json", ".png"), dpi=90)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
