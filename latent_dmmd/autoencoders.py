@@ -215,9 +215,3 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(images).all():
         raise ValueError("VAE decode produced NaN/inf even in float32; the latents are probably diverged")
     return images.float()
-
-
-def describe(vae) -> str:
-    """One line for logs: class, latent channels, factors."""
-    scale, shift = vae_factors(vae)
-    return json.dumps({"class": type(vae).__name__, "latent_channels": vae.config.latent_channels, "scale": scale, "shift": shift})

@@ -175,11 +175,6 @@ def write_metrics(path: str, metrics: dict, protocol: dict) -> dict:
     return record
 
 
-def iterate_batches(tensor: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
-    for start in range(0, tensor.shape[0], batch_size):
-        yield tensor[start : start + batch_size]
-
-
 # ---------------------------------------------------------------------------- evaluating a pipeline
 
 

@@ -141,14 +141,12 @@ def write_model_card(
         model_name=model_name if eval_results else None,
         eval_results=eval_results,
     )
-    vae_loader_args = ""
     card = ModelCard.from_template(
         card_data,
         template_str=_template(),
         title=f"DMMD {space}-space model" + (f": {model_name}" if repo_id else ""),
         space=space,
         repo_id=repo,
-        vae_loader_args=vae_loader_args,
         vae_note=vae_note,
         sample_grid=sample_grid,
         data=cfg.get("train_data_dir") or cfg.get("dataset_name") or "see the training config",

@@ -135,15 +135,22 @@ class TrainConfig:
     def cache_dir(self) -> str:
         return self.latent_cache_dir or os.path.join(self.output_dir, "latent_cache")
 
+    def _set(self, cls) -> dict:
+        """The options of ``cls.__init__`` this config sets (None means: keep the class default)."""
+        import inspect
+
+        names = inspect.signature(cls.__init__).parameters
+        return {k: getattr(self, k) for k in names if hasattr(self, k) and getattr(self, k) is not None}
+
     def model_kwargs(self) -> dict:
-        keys = ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "attention_head_dim",
-                "norm_num_groups", "pool_size", "projection_dim")  # fmt: skip
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        from .models import DMMDDiscriminator
+
+        return self._set(DMMDDiscriminator)
 
     def scheduler_kwargs(self) -> dict:
-        keys = ("beta_schedule", "num_inference_steps", "flow_steps_per_level", "step_size", "step_size_schedule",
-                "t_min", "timestep_spacing", "particle_mean", "train_timestep_sampling")  # fmt: skip
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        from .schedulers import DMMDScheduler
+
+        return self._set(DMMDScheduler)
 
     def validate(self) -> None:
         """Refuse inconsistent settings before any work is done."""

@@ -95,6 +95,7 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
             self.betas = betas_for_alpha_bar(num_train_timesteps)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self._all_log_snr = self.log_snr(torch.arange(num_train_timesteps))  # used by log-SNR grids and sampling
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.timesteps = torch.empty(0, dtype=torch.long)
@@ -130,7 +131,7 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
             grid = self.grid(self.config.num_inference_steps)
             t = grid[torch.randint(0, len(grid), (num_groups,), generator=generator)]
         else:
-            all_snr = self.log_snr(torch.arange(n))
+            all_snr = self._all_log_snr
             lo, hi = all_snr[-1].item(), all_snr[0].item()
             target = lo + (hi - lo) * torch.rand(num_groups, generator=generator, dtype=torch.float64)
             t = (all_snr[None, :] - target[:, None]).abs().argmin(1)
@@ -143,7 +144,7 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
         if c.timestep_spacing == "linear":
             grid = np.linspace(c.t_max, c.t_min, num_inference_steps).round().astype(np.int64)
         else:
-            all_snr = self.log_snr(torch.arange(c.num_train_timesteps)).numpy()
+            all_snr = self._all_log_snr.numpy()
             targets = np.linspace(all_snr[c.t_max], all_snr[c.t_min], num_inference_steps)
             grid = np.abs(all_snr[None, :] - targets[:, None]).argmin(1).astype(np.int64)
         if len(np.unique(grid)) != len(grid):
@@ -162,13 +163,16 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = self.grid(num_inference_steps).to(device)
         self._level = {int(t): k for k, t in enumerate(self.timesteps)}
 
-    def step_sizes(self, step_size: float | None = None) -> list[float]:
-        """The step size ``eta_k`` of every level of the current grid (``step_size`` overrides eta)."""
+    def level_step_size(self, timestep: int, step_size: float | None = None) -> float:
+        """The step size ``eta_t`` at one level (``step_size`` overrides the config's eta)."""
         eta = self.config.step_size if step_size is None else step_size
         if self.config.step_size_schedule == "sigma2":
-            _, sigma = self.alpha_sigma(self.timesteps)
-            return [eta * float(s) ** 2 for s in sigma]
-        return [eta] * len(self.timesteps)
+            return eta * float(1 - self.alphas_cumprod[int(timestep)])
+        return eta
+
+    def step_sizes(self, step_size: float | None = None) -> list[float]:
+        """The step size ``eta_k`` of every level of the current grid (``step_size`` overrides eta)."""
+        return [self.level_step_size(int(t), step_size) for t in self.timesteps]
 
     def step(
         self,
@@ -185,7 +189,7 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
         t = int(timestep)
         if t not in self._level:
             raise ValueError(f"timestep {t} is not on the current grid {self.timesteps.tolist()}; call set_timesteps")
-        eta = self.step_sizes(step_size)[self._level[t]]
+        eta = self.level_step_size(t, step_size)
         grad = model_output
         if self.config.step_size_schedule == "rms":
             grad = grad / grad.float().square().mean().sqrt().clamp_min(1e-12).to(grad.dtype)
