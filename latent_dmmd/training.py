@@ -96,6 +96,8 @@ class TrainConfig:
     # optimisation
     train_batch_size: int = _f(64, "samples per process per micro-batch (a multiple of --group_size)")
     max_train_steps: int = _f(1000, "optimizer steps")
+    max_train_minutes: float | None = _f(None, "wall-clock budget: stop after the step that passes this many minutes "
+                                               "of training (checkpoint and final pipeline written as usual)")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     learning_rate: float = _f(1e-4, "AdamW learning rate")
     lr_scheduler: str = _f("constant", "diffusers LR schedule: constant, constant_with_warmup, cosine, linear, ...")
@@ -557,6 +559,8 @@ def main(argv: list[str] | None = None) -> str | None:
     bar = tqdm(total=config.max_train_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process)
     skipped_images = bad_in_a_row = bad_total = 0
     micro = 0
+    loop_start = time.time()
+    out_of_time = False
     while global_step < config.max_train_steps:
         epoch = global_step // steps_per_epoch
         loader.set_epoch(epoch)
@@ -612,12 +616,18 @@ def main(argv: list[str] | None = None) -> str | None:
                                 feature_norm=out.feature_norm.item())  # fmt: skip
                 bar.set_postfix(loss=f"{logs['loss']:.4g}")
                 accelerator.log(logs, step=global_step)
-            if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps:
+            if config.max_train_minutes is not None:  # every process must stop at the same step
+                late = torch.tensor([float(time.time() - loop_start > 60 * config.max_train_minutes)], device=accelerator.device)
+                out_of_time = accelerator.reduce(late, "sum").item() > 0
+            if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps or out_of_time:
                 save_checkpoint(accelerator, config.output_dir, global_step, config.checkpoints_total_limit)
             if config.validation_steps and global_step % config.validation_steps == 0 and config.method == "dmmd":
                 validate(accelerator, model, ema, scheduler, dataset, config, global_step, train_vae)
-            if global_step >= config.max_train_steps:
+            if global_step >= config.max_train_steps or out_of_time:
                 break
+        if out_of_time:
+            logger.info("wall-clock budget of %.1f min reached at step %d", config.max_train_minutes, global_step)
+            break
     bar.close()
     skipped_images = int(accelerator.reduce(torch.tensor([skipped_images], device=accelerator.device), "sum").item())
     if skipped_images:
@@ -625,11 +635,13 @@ def main(argv: list[str] | None = None) -> str | None:
 
     if config.method == "ddpm":
         path = export_baseline(accelerator, model, ema, scheduler, config, {"train_seconds": round(time.time() - start, 1),
+                               "train_loop_seconds": round(time.time() - loop_start, 1), "train_steps": global_step,
                                "bad_steps": bad_total, "num_processes": accelerator.num_processes})  # fmt: skip
         accelerator.end_training()
         return path
     path = export_pipeline(accelerator, model, ema, scheduler, dataset, config, vae_id, train_vae,
                            {"train_seconds": round(time.time() - start, 1), "skipped_images": skipped_images,
+                            "train_loop_seconds": round(time.time() - loop_start, 1), "train_steps": global_step,
                             "bad_steps": bad_total, "num_processes": accelerator.num_processes})  # fmt: skip
     accelerator.end_training()
     return path
