@@ -19,7 +19,7 @@ from .mmd import FeatureFn, witness_gradient
 ParticleMean = Literal["ensemble", "forward_marginal"]
 # reference(level_index, t) -> m_P(t) of shape (D,)
 Reference = Callable[[int, torch.Tensor], torch.Tensor]
-# update(grad, level_index, particles) -> new particles
+# update(grad, level_index, particles) -> new particles (grad is None when witness=False)
 Update = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 # callback(step_index, level_index, t, particles) -> particles or None
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor | None]
@@ -68,6 +68,7 @@ def sample_flow(
     marginal_means: torch.Tensor | Reference | None = None,
     callback: Callback | None = None,
     progress: bool | Callable[[int], contextlib.AbstractContextManager] = False,
+    witness: bool = True,
 ) -> torch.Tensor:
     """Run the DMMD particle flow of §5 and return the final particles.
 
@@ -84,6 +85,8 @@ def sample_flow(
         callback: called after every flow step; may return replacement particles.
         progress: ``True`` for a tqdm bar, or a factory ``total -> context manager``
             whose object has ``update()`` (what ``DiffusionPipeline.progress_bar`` returns).
+        witness: False skips the witness gradient (``update`` gets ``None``): the DiffFlow
+            sampler at ``score_weight = 1`` moves on the score alone.
     """
     if particle_mean not in ("ensemble", "forward_marginal"):
         raise ValueError(f"unknown particle_mean {particle_mean!r}; expected 'ensemble' or 'forward_marginal'")
@@ -114,8 +117,11 @@ def sample_flow(
             else:
                 direction = marginal(k, t[:1]).to(z.device) - m_p
             for _ in range(flow_steps):
-                grad, _ = witness_gradient(phi, z, t, direction)
-                z = update(grad.to(z.dtype), k, z)
+                if witness:
+                    grad, _ = witness_gradient(phi, z, t, direction)
+                    z = update(grad.to(z.dtype), k, z)
+                else:
+                    z = update(None, k, z)
                 if callback is not None:
                     replaced = callback(step, k, t[0], z)
                     z = replaced if replaced is not None else z

@@ -34,15 +34,18 @@ class DMMDPipeline(DiffusionPipeline):
         discriminator: the trained ``DMMDDiscriminator`` with its reference statistics.
         scheduler: the ``DMMDScheduler`` holding the forward process and sampler options.
         vae: optional diffusers autoencoder; when given, particles are its latents.
+        score_model: optional epsilon-prediction ``UNet2DModel`` trained on the same forward
+            process and particle space (the DDPM baseline): the data score of the DiffFlow
+            sampler's ``noise_mode="score"`` (method §7).
     """
 
-    model_cpu_offload_seq = "discriminator->vae"
-    _optional_components = ["vae"]
+    model_cpu_offload_seq = "discriminator->score_model->vae"
+    _optional_components = ["vae", "score_model"]
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, discriminator: DMMDDiscriminator, scheduler: DMMDScheduler, vae=None):
+    def __init__(self, discriminator: DMMDDiscriminator, scheduler: DMMDScheduler, vae=None, score_model=None):
         super().__init__()
-        self.register_modules(discriminator=discriminator, scheduler=scheduler, vae=vae)
+        self.register_modules(discriminator=discriminator, scheduler=scheduler, vae=vae, score_model=score_model)
         self.image_processor = VaeImageProcessor(do_normalize=True)
 
     # ------------------------------------------------------------------ loading
@@ -153,6 +156,28 @@ class DMMDPipeline(DiffusionPipeline):
                 )
 
     # ------------------------------------------------------------------ sampling
+    def _score_function(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``grad log p_t(z) = -eps_hat(z, t) / sigma_t`` from the epsilon-prediction score model."""
+        model = self.score_model
+        if model is None:
+            raise ValueError(
+                "noise_mode='score' needs a score model: DMMDPipeline(..., score_model=unet) with the epsilon-"
+                "prediction UNet of a DDPM trained on the same forward process (latent-dmmd train --method ddpm)"
+            )
+        c = model.config
+        if (c.in_channels, c.sample_size, c.sample_size) != tuple(self.particle_shape):
+            raise ValueError(
+                f"score_model takes {c.in_channels}x{c.sample_size}x{c.sample_size} "
+                f"inputs but the particles are {tuple(self.particle_shape)}"
+            )
+
+        def score(z, t):
+            sigma = float(1 - self.scheduler.alphas_cumprod[int(t)]) ** 0.5
+            eps = model(z.to(model.dtype), torch.full((z.shape[0],), int(t), device=z.device)).sample
+            return -eps.float() / sigma
+
+        return score
+
     @torch.no_grad()
     def __call__(
         self,
@@ -167,6 +192,10 @@ class DMMDPipeline(DiffusionPipeline):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         reference_data: torch.Tensor | None = None,
+        noise_scale: float | None = None,
+        noise_schedule: str | None = None,
+        noise_mode: str | None = None,
+        score_weight: float | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate ``num_images`` images.
 
@@ -185,6 +214,10 @@ class DMMDPipeline(DiffusionPipeline):
                 flow step; a returned ``"latents"`` replaces the particles.
             reference_data: clean data in particle space, needed when the scheduler's
                 ``reference`` is ``"data"`` (the exact, uncached reference means).
+            noise_scale, noise_schedule, noise_mode, score_weight: the DiffFlow sampler of
+                method §7 (defaults: the scheduler config; ``noise_scale=0`` is plain DMMD).
+                ``noise_mode="score"`` needs the pipeline's ``score_model``. The noise is drawn
+                from ``generator`` after the initial particles.
         """
         self._check_inputs(num_images, generator, latents, output_type, callback_on_step_end_tensor_inputs)
         device = self._execution_device
@@ -194,6 +227,10 @@ class DMMDPipeline(DiffusionPipeline):
             raise ValueError(f"flow_steps_per_level must be >= 1, got {flow_steps}")
         sched.set_timesteps(num_inference_steps, device=device)
         timesteps = sched.timesteps
+        diffflow = {"noise_scale": noise_scale, "noise_schedule": noise_schedule, "noise_mode": noise_mode,
+                    "score_weight": score_weight}  # fmt: skip
+        settings = sched.diffflow(**diffflow)
+        score_fn = self._score_function() if sched.uses_score(**diffflow) else None
 
         stats = disc.reference_statistics(timesteps, sched.alphas_cumprod) if sched.config.particle_mean == (
             "forward_marginal"
@@ -215,7 +252,9 @@ class DMMDPipeline(DiffusionPipeline):
         z = latents.to(device, torch.float32) * sched.init_noise_sigma
 
         def update(grad, k, z):
-            return sched.step(grad, timesteps[k], z, step_size=step_size).prev_sample
+            score = score_fn(z, timesteps[k]) if score_fn is not None else None
+            return sched.step(grad, timesteps[k], z, step_size=step_size, generator=generator, score=score,
+                              **diffflow).prev_sample  # fmt: skip
 
         def callback(step, k, t, z):
             if callback_on_step_end is None:
@@ -234,6 +273,7 @@ class DMMDPipeline(DiffusionPipeline):
             marginal_means=stats.mean_noised.float() if stats is not None else None,
             callback=callback,
             progress=lambda total: self.progress_bar(total=total),
+            witness=settings["score_weight"] < 1,
         )
 
         if output_type == "latent":

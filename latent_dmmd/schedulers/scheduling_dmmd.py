@@ -16,6 +16,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 _CHOICES = {
     "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
@@ -24,7 +25,39 @@ _CHOICES = {
     "particle_mean": ("ensemble", "forward_marginal"),
     "reference": ("cached", "data"),
     "train_timestep_sampling": ("uniform", "log_snr", "grid"),
+    "noise_mode": ("plain", "compensated", "score"),
+    "noise_schedule": ("sigma", "constant", "window"),
 }
+
+
+def check_diffflow(noise_scale, noise_schedule, noise_window, noise_mode, score_weight) -> None:
+    """Refuse DiffFlow settings that cannot mean what the user wants (method §7)."""
+    if noise_scale < 0:
+        raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
+    for key, value in (("noise_schedule", noise_schedule), ("noise_mode", noise_mode)):
+        if value not in _CHOICES[key]:
+            raise ValueError(f"{key}={value!r} is not supported; choose one of {_CHOICES[key]}")
+    if noise_window is not None and (len(noise_window) != 2 or noise_window[0] > noise_window[1]):
+        raise ValueError(f"noise_window must be [t_lo, t_hi] with t_lo <= t_hi, got {noise_window}")
+    if not 0 <= score_weight <= 1:
+        raise ValueError(f"score_weight must be in [0, 1], got {score_weight}")
+    if score_weight > 0 and noise_mode != "score":
+        raise ValueError("score_weight > 0 replaces witness drift by score drift: it needs noise_mode='score'")
+    if score_weight == 1 and noise_scale == 0:
+        raise ValueError("score_weight=1 with noise_scale=0 moves nothing: annealed Langevin needs noise_scale > 0")
+
+
+def ornstein_uhlenbeck(z: torch.Tensor, xi: torch.Tensor, eta: float, g: float) -> torch.Tensor:
+    """Noise ``g dW`` with the drift ``(g²/2) grad log q`` of a per-dimension Gaussian fit ``q`` of
+    the particles, integrated exactly over time ``eta``: an OU step towards the fit's mean whose
+    stationary law is the fit itself, so the ensemble's mean and variance are kept however
+    narrow it is. ``z`` is (N, ...) particles; ``xi`` standard normal noise of the same shape."""
+    if z.shape[0] < 2:
+        raise ValueError("noise_mode='compensated' fits a Gaussian to the particles: it needs num_images >= 2")
+    mean = z.mean(0, keepdim=True)
+    var = z.var(0, keepdim=True).clamp_min(1e-12)
+    decay = torch.exp(-(g * g / 2) * eta / var)  # theta = g² / (2 var)
+    return mean + (z - mean) * decay + (var * (1 - decay * decay)).sqrt() * xi
 
 
 @dataclass
@@ -51,6 +84,16 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
         reference: ``"cached"`` statistics stored with the model, or ``"data"`` (exact).
         train_timestep_sampling: how training draws a level per group (§3):
             ``"uniform"`` over all train steps, ``"log_snr"``, or ``"grid"`` (sampling grid only).
+        noise_scale: ``g_0`` of the DiffFlow noise term (method §7); 0 is the plain DMMD flow.
+        noise_schedule: ``g(t) = g_0 sigma_t`` (``"sigma"``), ``g_0`` (``"constant"``), or ``g_0``
+            inside ``noise_window = [t_lo, t_hi]`` and 0 outside (``"window"``).
+        noise_mode: ``"plain"`` adds ``sqrt(eta) g xi`` (entropy-regularised flow);
+            ``"compensated"`` adds it with the drift ``(g²/2) grad log q_t`` of a per-dimension
+            Gaussian fit of the particles, as the exact Ornstein–Uhlenbeck step (marginals kept);
+            ``"score"`` adds it with the data-score drift ``(g²/2) grad log p_t`` of a denoiser.
+        score_weight: ``w`` in [0, 1]; the witness drift is scaled by ``1 - w`` (needs
+            ``noise_mode="score"``): ``w = 0`` is DMMD plus score churn, ``w = 1`` annealed
+            Langevin on the score alone.
     """
 
     order = 1
@@ -73,6 +116,11 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
         particle_mean: str = "ensemble",
         reference: str = "cached",
         train_timestep_sampling: str = "uniform",
+        noise_scale: float = 0.0,
+        noise_schedule: str = "sigma",
+        noise_window: list[int] | None = None,
+        noise_mode: str = "plain",
+        score_weight: float = 0.0,
     ):
         for key, allowed in _CHOICES.items():
             value = locals()[key]
@@ -84,6 +132,7 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"need 0 <= t_min < t_max < num_train_timesteps, got t_min={t_min}, t_max={t_max}")
         if num_inference_steps < 1 or flow_steps_per_level < 1:
             raise ValueError("num_inference_steps and flow_steps_per_level must be >= 1")
+        check_diffflow(noise_scale, noise_schedule, noise_window, noise_mode, score_weight)
 
         if trained_betas is not None:
             self.betas = torch.tensor(trained_betas, dtype=torch.float32)
@@ -174,35 +223,89 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
         """The step size ``eta_k`` of every level of the current grid (``step_size`` overrides eta)."""
         return [self.level_step_size(int(t), step_size) for t in self.timesteps]
 
+    # ------------------------------------------------------------------ DiffFlow noise (§7)
+    def diffflow(self, **overrides) -> dict:
+        """The DiffFlow settings of the config, with ``overrides`` (None values ignored) checked."""
+        keys = ("noise_scale", "noise_schedule", "noise_window", "noise_mode", "score_weight")
+        settings = {k: self.config[k] for k in keys} | {k: v for k, v in overrides.items() if v is not None}
+        check_diffflow(**settings)
+        return settings
+
+    def noise_level(self, timestep: int, **overrides) -> float:
+        """``g(t)`` of the DiffFlow noise term at one level."""
+        s = self.diffflow(**overrides)
+        g0, t = float(s["noise_scale"]), int(timestep)
+        if g0 == 0:
+            return 0.0
+        if s["noise_schedule"] == "sigma":
+            return g0 * float(1 - self.alphas_cumprod[t]) ** 0.5
+        if s["noise_schedule"] == "window":
+            lo, hi = s["noise_window"] or (0, self.config.num_train_timesteps - 1)
+            return g0 if lo <= t <= hi else 0.0
+        return g0
+
+    def uses_score(self, **overrides) -> bool:
+        """Whether sampling with these settings needs the data score (a denoising network)."""
+        s = self.diffflow(**overrides)
+        return s["noise_mode"] == "score" and (s["noise_scale"] > 0 or s["score_weight"] > 0)
+
     def step(
         self,
-        model_output: torch.Tensor,
+        model_output: torch.Tensor | None,
         timestep: int | torch.Tensor,
         sample: torch.Tensor,
         step_size: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        score: torch.Tensor | None = None,
         return_dict: bool = True,
+        **diffflow,
     ) -> DMMDSchedulerOutput | tuple[torch.Tensor]:
-        """One particle update ``Z <- Z - eta_t G``; ``model_output`` is the witness gradient ``G``.
+        """One particle update: ``Z <- Z - eta_t (1 - w) G`` plus the DiffFlow noise term.
 
-        ``step_size`` overrides the config's ``eta`` for this call (the schedule still applies).
+        ``model_output`` is the witness gradient ``G`` (None when ``w = 1``: not needed).
+        ``step_size`` overrides the config's ``eta`` for this call (the schedule still applies);
+        ``score`` is ``grad log p_t`` at ``sample`` (``noise_mode="score"``); ``diffflow``
+        overrides ``noise_scale``/``noise_schedule``/``noise_window``/``noise_mode``/``score_weight``.
+        With ``g(t) = 0`` and ``w = 0`` this is exactly the plain flow and draws no random numbers.
         """
         t = int(timestep)
         if t not in self._level:
             raise ValueError(f"timestep {t} is not on the current grid {self.timesteps.tolist()}; call set_timesteps")
+        s = self.diffflow(**diffflow)
         eta = self.level_step_size(t, step_size)
-        grad = model_output
-        if self.config.step_size_schedule == "rms":
-            grad = grad / grad.float().square().mean().sqrt().clamp_min(1e-12).to(grad.dtype)
-        prev = sample - eta * grad
+        w = float(s["score_weight"])
+        prev = sample
+        if w < 1:
+            grad = model_output
+            if grad is None:
+                raise ValueError("step needs the witness gradient (model_output) unless score_weight is 1")
+            if self.config.step_size_schedule == "rms":
+                grad = grad / grad.float().square().mean().sqrt().clamp_min(1e-12).to(grad.dtype)
+            prev = sample - eta * grad if w == 0 else sample - (eta * (1 - w)) * grad
+        g = self.noise_level(t, **diffflow)
+        if s["noise_mode"] == "score" and (g > 0 or w > 0):
+            if score is None:
+                raise ValueError("noise_mode='score' needs the data score (pass score=, or a score_model to the pipeline)")
+            prev = prev + (eta * g * g / 2) * score.to(prev.dtype)
+        if g > 0:
+            xi = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+            if s["noise_mode"] == "compensated":
+                prev = ornstein_uhlenbeck(prev, xi, eta, g)
+            else:
+                prev = prev + (eta**0.5 * g) * xi
         if not return_dict:
             return (prev,)
         return DMMDSchedulerOutput(prev_sample=prev)
 
-    def nfe(self) -> dict:
+    def nfe(self, **diffflow) -> dict:
         """Network evaluations of one sample with the current grid: NFE and forward-equivalents."""
         flows = self.num_inference_steps * self.config.flow_steps_per_level
-        # a flow step is one forward plus one input-gradient backward (~2 forwards)
-        return {"nfe": flows, "forward_equivalents": 3 * flows}
+        s = self.diffflow(**diffflow)
+        # a flow step is one forward plus one input-gradient backward (~3 forward-equivalents);
+        # the score drift adds one denoiser forward; w = 1 needs no witness
+        witness = 0 if s["score_weight"] >= 1 else 3
+        score = 1 if self.uses_score(**diffflow) else 0
+        return {"nfe": flows, "forward_equivalents": (witness + score) * flows}
 
     def __len__(self):
         return self.config.num_train_timesteps
