@@ -14,6 +14,7 @@ from typing import Callable, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .kale import kale_direction
 from .mmd import FeatureFn, witness_gradient
 
 ParticleMean = Literal["ensemble", "forward_marginal"]
@@ -69,6 +70,7 @@ def sample_flow(
     callback: Callback | None = None,
     progress: bool | Callable[[int], contextlib.AbstractContextManager] = False,
     witness: bool = True,
+    kale_lambda: float | None = None,
 ) -> torch.Tensor:
     """Run the DMMD particle flow of §5 and return the final particles.
 
@@ -87,12 +89,16 @@ def sample_flow(
             whose object has ``update()`` (what ``DiffusionPipeline.progress_bar`` returns).
         witness: False skips the witness gradient (``update`` gets ``None``): the DiffFlow
             sampler at ``score_weight = 1`` moves on the score alone.
+        kale_lambda: set for a KALE critic (``phi`` returns its (N, 1) clipped values): particles
+            then move along ``(1 + λ) e^h grad h`` and ``reference``/``particle_mean`` are unused.
     """
     if particle_mean not in ("ensemble", "forward_marginal"):
         raise ValueError(f"unknown particle_mean {particle_mean!r}; expected 'ensemble' or 'forward_marginal'")
-    if particle_mean == "forward_marginal" and marginal_means is None:
+    if kale_lambda is None and reference is None:
+        raise ValueError("the MMD flow needs the reference means m_P(t)")
+    if kale_lambda is None and particle_mean == "forward_marginal" and marginal_means is None:
         raise ValueError("particle_mean='forward_marginal' needs marginal_means (the cached m_Pt(t) statistics)")
-    reference = as_reference(reference)
+    reference = as_reference(reference) if reference is not None else None
     marginal = as_reference(marginal_means) if marginal_means is not None else None
     if not callable(update):
         update = euler_update(float(update))
@@ -111,11 +117,13 @@ def sample_flow(
     with bar as pbar:
         for k, t_int in enumerate(timesteps):
             t = torch.full((z.shape[0],), t_int, device=z.device, dtype=torch.long)
-            m_p = reference(k, t[:1]).to(z.device)
-            if particle_mean == "ensemble":
+            if kale_lambda is not None:
+                direction = kale_direction(kale_lambda)
+            elif particle_mean == "ensemble":
+                m_p = reference(k, t[:1]).to(z.device)
                 direction = lambda f, m_p=m_p: f.float().mean(0) - m_p  # noqa: E731
             else:
-                direction = marginal(k, t[:1]).to(z.device) - m_p
+                direction = marginal(k, t[:1]).to(z.device) - reference(k, t[:1]).to(z.device)
             for _ in range(flow_steps):
                 if witness:
                     grad, _ = witness_gradient(phi, z, t, direction)

@@ -87,6 +87,10 @@ class TrainConfig:
     train_timestep_sampling: str | None = _f(None, "uniform, log_snr or grid")
     # method
     method: str = _f("dmmd", "dmmd, or ddpm: the epsilon-prediction baseline on the same UNet backbone and forward process")
+    objective: str = _f("mmd", "discriminator objective: mmd (DMMD features) or kale (scalar KALE critic, "
+                               "projection_dim 1; sampling follows (1+lambda) e^h grad h)")
+    critic_clip: float | None = _f(None, "KALE: soft clip c of the critic, c tanh(raw / c) (default 5)")
+    kale_lambda: float | None = _f(None, "KALE: regularisation lambda of the bound (default 0.1)")
     # loss
     group_size: int = _f(16, "samples per noise-level group (each group's MMD uses this many pairs)")
     lambda_l2: float = _f(1e-3, "weight of the l2 regulariser")
@@ -160,6 +164,13 @@ class TrainConfig:
             raise ValueError("--mixed_precision fp16 needs a CUDA GPU; on this machine use bf16 or no")
         if self.method not in ("dmmd", "ddpm"):
             raise ValueError(f"--method must be dmmd or ddpm, got {self.method!r}")
+        if self.objective not in ("mmd", "kale"):
+            raise ValueError(f"--objective must be mmd or kale, got {self.objective!r}")
+        if self.objective == "kale":
+            if self.projection_dim is None:
+                self.projection_dim = 1  # the KALE critic is scalar
+            if self.projection_dim != 1:
+                raise ValueError(f"--objective kale needs --projection_dim 1 (a scalar critic), got {self.projection_dim}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"--mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.group_size < 2 or self.train_batch_size % self.group_size:
@@ -300,6 +311,15 @@ def dmmd_step_loss(
     eps = keyed_randn([(s, "eps", step, m, k) for k in keys], x0.shape[1:], device=x0.device, dtype=x0.dtype)
     u = keyed_rand([(s, "u", step, m, k) for k in keys], device=x0.device, dtype=x0.dtype)
     xt = scheduler.add_noise(x0, eps, t)
+    if config.objective == "kale":
+        from .kale import clip_critic, kale_loss
+
+        unwrapped = penalty_model or model
+        return kale_loss(
+            lambda x, tt: clip_critic(model(x, tt)[:, 0], unwrapped.config.critic_clip), x0, xt, t,
+            kale_lambda=unwrapped.config.kale_lambda, lambda_gp=config.lambda_gp, gp_target=config.gp_target,
+            interpolation=u, critic_penalty=lambda x, tt: unwrapped.critic(x, tt),
+        )  # fmt: skip
     return dmmd_loss(
         model, x0, xt, t, groups, lambda_l2=config.lambda_l2, lambda_gp=config.lambda_gp,
         l2_mode=config.l2_mode, gp_target=config.gp_target, interpolation=u, phi_penalty=penalty_model,
@@ -611,7 +631,10 @@ def main(argv: list[str] | None = None) -> str | None:
             bar.update(1)
             if global_step % config.log_every == 0:
                 logs = {"loss": out.loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
-                if config.method == "dmmd":
+                if config.method == "dmmd" and config.objective == "kale":
+                    logs.update(kale=out.kale.item(), critic_clean=out.critic_clean.item(),
+                                critic_noisy=out.critic_noisy.item(), gradient_penalty=out.gradient_penalty.item())  # fmt: skip
+                elif config.method == "dmmd":
                     logs.update(mmd2=out.mmd2.item(), l2=out.l2.item(), gradient_penalty=out.gradient_penalty.item(),
                                 feature_norm=out.feature_norm.item())  # fmt: skip
                 bar.set_postfix(loss=f"{logs['loss']:.4g}")
@@ -669,17 +692,13 @@ def validate(accelerator, model, ema, scheduler, dataset, config: TrainConfig, s
         return
     disc = _ema_model(accelerator, model, ema)
     scheduler.set_timesteps(scheduler.config.num_inference_steps)
-    subset = torch.utils.data.Subset(dataset, range(min(len(dataset), 256)))
-    loader = torch.utils.data.DataLoader(subset, batch_size=config.reference_batch_size, collate_fn=collate_skipping)
-    batches = (training_batch(b, config, -1, 0, accelerator.device, train_vae)[0] for b in loader if len(b.get("index", [])))
-    stats = compute_reference_statistics(disc, batches, scheduler.timesteps, scheduler.alphas_cumprod,
-                                         generator=torch.Generator().manual_seed(config.seed))  # fmt: skip
     vae = train_vae
     if config.latent and vae is None:
         from .autoencoders import load_autoencoder
 
         vae = load_autoencoder(config.pretrained_vae, config.vae_subfolder, config.vae_revision).to(accelerator.device)
-    disc.set_reference_statistics(stats, vae=vae)
+    if config.objective == "mmd":
+        disc.set_reference_statistics(_validation_statistics(disc, dataset, scheduler, config, accelerator, train_vae), vae=vae)
     pipe = DMMDPipeline(disc, scheduler, vae=vae)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(num_images=config.num_validation_images, generator=torch.Generator().manual_seed(config.seed),
@@ -691,6 +710,18 @@ def validate(accelerator, model, ema, scheduler, dataset, config: TrainConfig, s
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("validation", grid, step, dataformats="HWC")
+
+
+def _validation_statistics(disc, dataset, scheduler, config, accelerator, train_vae):
+    """Reference statistics from the first 256 training samples (validation grids only)."""
+    from .data import collate_skipping
+    from .reference import compute_reference_statistics
+
+    subset = torch.utils.data.Subset(dataset, range(min(len(dataset), 256)))
+    loader = torch.utils.data.DataLoader(subset, batch_size=config.reference_batch_size, collate_fn=collate_skipping)
+    batches = (training_batch(b, config, -1, 0, accelerator.device, train_vae)[0] for b in loader if len(b.get("index", [])))
+    return compute_reference_statistics(disc, batches, scheduler.timesteps, scheduler.alphas_cumprod,
+                                        generator=torch.Generator().manual_seed(config.seed))  # fmt: skip
 
 
 def export_baseline(accelerator, model, ema, scheduler, config: TrainConfig, run_info: dict) -> str:
@@ -722,7 +753,9 @@ def export_pipeline(accelerator, model, ema, scheduler, dataset, config: TrainCo
     from .pipelines import DMMDPipeline
 
     disc = _ema_model(accelerator, model, ema)
-    stats = distributed_reference_statistics(accelerator, disc, dataset, scheduler, config, collate_skipping, train_vae)
+    stats = None  # a KALE critic needs no statistics
+    if config.objective == "mmd":
+        stats = distributed_reference_statistics(accelerator, disc, dataset, scheduler, config, collate_skipping, train_vae)
     folder = os.path.join(config.output_dir, "pipeline")
     if accelerator.is_main_process:
         vae = None
@@ -730,16 +763,17 @@ def export_pipeline(accelerator, model, ema, scheduler, dataset, config: TrainCo
             from .autoencoders import load_autoencoder
 
             vae = load_autoencoder(config.pretrained_vae, config.vae_subfolder, config.vae_revision)
-        disc.set_reference_statistics(stats, vae=vae)
+        if stats is not None:
+            disc.set_reference_statistics(stats, vae=vae)
         pipe = DMMDPipeline(disc.to("cpu"), scheduler, vae=vae)
         pipe.save_pretrained(folder)
         from .hub import write_model_card
 
-        run_info = run_info | {"reference_count": stats.count, "vae": vae_id}
+        run_info = run_info | {"reference_count": stats.count if stats is not None else 0, "vae": vae_id}
         write_model_card(folder, config, run_info)
         with open(os.path.join(config.output_dir, "training_summary.json"), "w") as f:
             json.dump(run_info, f, indent=2)
-        logger.info("wrote the pipeline to %s (statistics over %d samples)", folder, stats.count)
+        logger.info("wrote the pipeline to %s (statistics over %d samples)", folder, run_info["reference_count"])
         if config.push_to_hub:
             from .hub import push_pipeline_folder
 

@@ -54,6 +54,10 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
         reference_count: number of data samples behind the statistics.
         reference_vae: class, scaling/shift factors and latent channels of the autoencoder whose
             latents the statistics describe (None in pixel space).
+        objective: ``"mmd"`` (features for the linear-kernel MMD, the default) or ``"kale"``
+            (a scalar critic trained with the KALE bound; needs ``projection_dim=1``).
+        critic_clip: ``c`` of the KALE critic's soft clip ``c tanh(raw / c)``.
+        kale_lambda: ``λ`` of the KALE objective (also scales the particle velocity ``1 + λ``).
     """
 
     _supports_gradient_checkpointing = True
@@ -77,8 +81,17 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
         reference_fingerprint: str | None = None,
         reference_count: int = 0,
         reference_vae: dict | None = None,
+        objective: str = "mmd",
+        critic_clip: float = 5.0,
+        kale_lambda: float = 0.1,
     ):
         super().__init__()
+        if objective not in ("mmd", "kale"):
+            raise ValueError(f"objective={objective!r} is not supported; choose 'mmd' or 'kale'")
+        if objective == "kale" and projection_dim != 1:
+            raise ValueError(f"the KALE critic is scalar: it needs projection_dim=1, got {projection_dim}")
+        if critic_clip <= 0 or kale_lambda < 0:
+            raise ValueError(f"need critic_clip > 0 and kale_lambda >= 0, got {critic_clip}, {kale_lambda}")
         out_channels = out_channels or in_channels
         self.unet = UNet2DModel(
             sample_size=sample_size,
@@ -117,6 +130,14 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
             timestep = timestep.expand(sample.shape[0])
         out = self.unet(sample, timestep).sample
         return self.projection(self.pool(out).flatten(1))
+
+    def critic(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> torch.Tensor:
+        """The clipped KALE critic ``h(sample, timestep)`` of shape (B,) (``objective="kale"``)."""
+        from ..kale import clip_critic
+
+        if self.config.objective != "kale":
+            raise ValueError("critic() is the KALE critic: this discriminator was built with objective='mmd'")
+        return clip_critic(self(sample, timestep)[:, 0], self.config.critic_clip)
 
     # ------------------------------------------------------------------ reference statistics
     def _make_reference_buffers(self, levels: int, device: torch.device | None = None) -> None:

@@ -232,20 +232,27 @@ class DMMDPipeline(DiffusionPipeline):
         settings = sched.diffflow(**diffflow)
         score_fn = self._score_function() if sched.uses_score(**diffflow) else None
 
-        stats = disc.reference_statistics(timesteps, sched.alphas_cumprod) if sched.config.particle_mean == (
-            "forward_marginal"
-        ) or sched.config.reference == "cached" else None
         dtype = disc.dtype
+        kale = disc.config.objective == "kale"
+        stats = reference = None
+        if kale:  # the critic alone gives the velocity: no statistics
 
-        def phi(x, t):
-            return disc(x.to(dtype), t).float()
+            def phi(x, t):
+                return disc.critic(x.to(dtype), t).float()[:, None]
 
-        if sched.config.reference == "data":
-            if reference_data is None:
-                raise ValueError("the scheduler uses reference='data': pass reference_data (clean data particles)")
-            reference = data_reference(phi, reference_data.to(device, torch.float32))
         else:
-            reference = stats.mean_data.float()
+
+            def phi(x, t):
+                return disc(x.to(dtype), t).float()
+
+            needs_stats = sched.config.particle_mean == "forward_marginal" or sched.config.reference == "cached"
+            stats = disc.reference_statistics(timesteps, sched.alphas_cumprod) if needs_stats else None
+            if sched.config.reference == "data":
+                if reference_data is None:
+                    raise ValueError("the scheduler uses reference='data': pass reference_data (clean data particles)")
+                reference = data_reference(phi, reference_data.to(device, torch.float32))
+            else:
+                reference = stats.mean_data.float()
 
         if latents is None:
             latents = randn_tensor((num_images, *self.particle_shape), generator=generator, device=device)
@@ -274,6 +281,7 @@ class DMMDPipeline(DiffusionPipeline):
             callback=callback,
             progress=lambda total: self.progress_bar(total=total),
             witness=settings["score_weight"] < 1,
+            kale_lambda=disc.config.kale_lambda if kale else None,
         )
 
         if output_type == "latent":

@@ -1,0 +1,83 @@
+"""The KALE variant: the bound's known answer, the particle velocity, the pipeline and training paths."""
+
+import math
+
+import pytest
+import torch
+
+from latent_dmmd import DMMDDiscriminator, DMMDPipeline, DMMDScheduler
+from latent_dmmd.flow import sample_flow
+from latent_dmmd.kale import clip_critic, kale_loss
+
+from .test_training import load, run
+
+
+def test_kale_bound_recovers_the_log_density_ratio_and_the_kl_of_two_gaussians():
+    # P = N(0, 1), Q = N(1, 1): log dP/dQ = 0.5 - x, KL(P || Q) = 0.5. A linear critic h = a x + b
+    # trained on the bound (lambda small) must find a ~ -1, b ~ 0.5, and the bound ~ KL.
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(20000, generator=g, dtype=torch.float64)
+    q = 1 + torch.randn(20000, generator=g, dtype=torch.float64)
+    params = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    critic = lambda x, t: params[0] * x + params[1]  # noqa: E731
+    opt = torch.optim.Adam([params], lr=0.05)
+    t = torch.zeros(20000, dtype=torch.long)
+    for _ in range(600):
+        opt.zero_grad()
+        out = kale_loss(critic, p, q, t, kale_lambda=1e-3)
+        out.loss.backward()
+        opt.step()
+    a, b = params.detach().tolist()
+    assert a == pytest.approx(-1.0, abs=0.05) and b == pytest.approx(0.5, abs=0.05)
+    assert out.kale.item() == pytest.approx(0.5, abs=0.03)
+
+
+def test_kale_velocity_is_one_plus_lambda_exp_h_grad_h():
+    # h(x) = -x1 + 0.5 (per particle, 2-D): velocity (1 + lam) e^h (-1, 0)
+    lam, eta = 0.1, 0.2
+    h = lambda x, t: (0.5 - x[:, :1])  # noqa: E731  (N, 1) critic values
+    z = torch.randn(50, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = sample_flow(h, z, [0], None, flow_steps=1, update=eta, kale_lambda=lam)
+    expected = z.clone()
+    expected[:, 0] -= eta * (1 + lam) * torch.exp(0.5 - z[:, 0])
+    assert torch.allclose(out, expected, atol=1e-12)
+
+
+def test_critic_clip_bounds_the_critic_and_is_the_identity_near_zero():
+    raw = torch.tensor([-100.0, -0.01, 0.0, 0.01, 100.0])
+    clipped = clip_critic(raw, 5.0)
+    assert clipped.abs().max() <= 5.0 and torch.allclose(clipped[1:4], raw[1:4], atol=1e-6)
+    assert math.isfinite(clipped.exp().max().item())
+
+
+def tiny_critic():
+    torch.manual_seed(0)
+    return DMMDDiscriminator(sample_size=8, in_channels=3, block_out_channels=(8, 16), norm_num_groups=4,
+                             down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                             projection_dim=1, objective="kale")  # fmt: skip
+
+
+def test_kale_discriminator_needs_a_scalar_head_and_samples_without_statistics(tmp_path):
+    with pytest.raises(ValueError, match="projection_dim=1"):
+        DMMDDiscriminator(objective="kale")
+    with pytest.raises(ValueError, match="objective"):
+        DMMDDiscriminator(objective="wasserstein")
+    with pytest.raises(ValueError, match="KALE critic"):
+        DMMDDiscriminator().critic(torch.zeros(1, 3, 32, 32), 0)
+    pipe = DMMDPipeline(tiny_critic(), DMMDScheduler(num_inference_steps=3, flow_steps_per_level=2, step_size=0.5))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(num_images=3, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    noise = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out).all() and not torch.allclose(out, noise)
+    pipe.save_pretrained(tmp_path)
+    again = load(tmp_path)(num_images=3, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert torch.allclose(out, again, atol=1e-6)
+
+
+def test_training_with_the_kale_objective_exports_a_sampling_pipeline(tmp_path):
+    folder = run(tmp_path, "--objective", "kale", "--lambda_gp", "1.0")
+    pipe = load(folder)
+    assert pipe.discriminator.config.objective == "kale" and pipe.discriminator.feature_dim == 1
+    assert pipe.discriminator.config.num_reference_levels == 0  # no statistics are needed or stored
+    images = pipe(num_images=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 8, 8, 3)
