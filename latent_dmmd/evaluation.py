@@ -104,10 +104,31 @@ class _Precomputed(nn.Module):
         return features
 
 
-class FIDKID:
-    """Running FID and KID between a reference set and generated images (torchmetrics).
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> dict:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of two feature sets.
 
-    Each batch goes through the Inception network once; FID and KID receive the features.
+    Each set's manifold is the union of balls around its points reaching their k-th nearest
+    neighbour; precision is the share of ``fake`` inside the real manifold (fidelity), recall the
+    share of ``real`` inside the fake one (coverage). torchmetrics has no such metric.
+    """
+    real, fake = real.double(), fake.double()
+
+    def radii(x):
+        d = torch.cdist(x, x)
+        return d.kthvalue(k + 1, dim=1).values  # k+1: the point itself is at distance 0
+
+    def inside(points, centres, r):
+        hits = [((torch.cdist(chunk, centres) - r[None]) <= 0).any(1) for chunk in points.split(1024)]
+        return torch.cat(hits).double().mean().item()
+
+    return {"precision": inside(fake, real, radii(real)), "recall": inside(real, fake, radii(fake)), "pr_k": k}
+
+
+class FIDKID:
+    """Running FID, KID, precision and recall between a reference set and generated images.
+
+    Each batch goes through the Inception network once; torchmetrics' FID and KID receive the
+    features, and precision/recall (``precision_recall``) read the features KID keeps.
     """
 
     def __init__(self, kid_subset_size: int = 100, extractor: nn.Module | int | None = None):
@@ -136,7 +157,7 @@ class FIDKID:
         subset = min(self.kid_subset_size, self.counts["real"], self.counts["fake"])
         self.kid.subset_size = subset
         kid_mean, kid_std = self.kid.compute()
-        return {
+        out = {
             "fid": float(self.fid.compute()),
             "kid": float(kid_mean),
             "kid_std": float(kid_std),
@@ -144,6 +165,9 @@ class FIDKID:
             "num_real": self.counts["real"],
             "num_fake": self.counts["fake"],
         }
+        if self.extract is not None and min(self.counts.values()) > 3:
+            out |= precision_recall(torch.cat(self.kid.real_features), torch.cat(self.kid.fake_features))
+        return out
 
     def reset_fake(self) -> None:
         self.fid.reset()

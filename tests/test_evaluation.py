@@ -73,3 +73,17 @@ def test_evaluate_script_writes_metrics_with_protocol(inception, tmp_path):
     assert proto["reference"]["resolution"] == 8 and "bilinear" in proto["feature_extractor"]
     assert {"torch", "diffusers", "torchmetrics", "device"} <= set(record["environment"])
     assert (tmp_path / "m" / "metrics_samples.png").exists()
+
+
+def test_precision_recall_separate_fidelity_from_coverage():
+    from latent_dmmd.evaluation import precision_recall
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 8, generator=g)
+    same = torch.randn(400, 8, generator=g)
+    collapsed = 0.1 * torch.randn(400, 8, generator=g)  # inside the real cloud, covering a sliver of it
+    far = 10 + torch.randn(400, 8, generator=g)
+    pr_same, pr_collapsed, pr_far = (precision_recall(real, x) for x in (same, collapsed, far))
+    assert pr_same["precision"] > 0.7 and pr_same["recall"] > 0.7
+    assert pr_collapsed["precision"] > 0.9 and pr_collapsed["recall"] < 0.2
+    assert pr_far["precision"] == 0.0 and pr_far["recall"] == 0.0
