@@ -184,6 +184,7 @@ class DMMDPipeline(DiffusionPipeline):
         num_images: int = 8,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_inference_steps: int | None = None,
+        timesteps: list[int] | None = None,
         flow_steps_per_level: int | None = None,
         step_size: float | None = None,
         latents: torch.Tensor | None = None,
@@ -205,6 +206,8 @@ class DMMDPipeline(DiffusionPipeline):
             generator: a ``torch.Generator`` or one per image, for the initial noise.
             num_inference_steps: ``T`` noise levels (default: the scheduler config); must be
                 a grid the reference statistics were computed for.
+            timesteps: a custom strictly decreasing grid instead (e.g. an adaptive grid from
+                ``latent_dmmd.diagnostics``); its statistics must be stored as well.
             flow_steps_per_level: ``N_s`` (default: the scheduler config).
             step_size: ``eta`` (default: the scheduler config).
             latents: initial particles ``(num_images, C, H, W)`` instead of fresh noise.
@@ -225,7 +228,7 @@ class DMMDPipeline(DiffusionPipeline):
         flow_steps = flow_steps_per_level or sched.config.flow_steps_per_level
         if flow_steps < 1:
             raise ValueError(f"flow_steps_per_level must be >= 1, got {flow_steps}")
-        sched.set_timesteps(num_inference_steps, device=device)
+        sched.set_timesteps(num_inference_steps, device=device, timesteps=timesteps)
         timesteps = sched.timesteps
         diffflow = {"noise_scale": noise_scale, "noise_schedule": noise_schedule, "noise_mode": noise_mode,
                     "score_weight": score_weight}  # fmt: skip

@@ -203,13 +203,29 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
             )
         return torch.from_numpy(grid)
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None):
-        """Set the grid ``t_1 > … > t_T`` used by ``step`` (defaults to the config's T)."""
-        num_inference_steps = num_inference_steps or self.config.num_inference_steps
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        self.num_inference_steps = num_inference_steps
-        self.timesteps = self.grid(num_inference_steps).to(device)
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[int] | None = None,
+    ):
+        """Set the grid ``t_1 > … > t_T`` used by ``step``: the config's spacing with
+        ``num_inference_steps`` levels (default: the config's T), or a custom strictly decreasing
+        list ``timesteps`` (e.g. from ``latent_dmmd.diagnostics.adaptive_grid``)."""
+        if timesteps is not None:
+            if num_inference_steps is not None and num_inference_steps != len(timesteps):
+                raise ValueError("give num_inference_steps or timesteps, not both")
+            grid = torch.as_tensor([int(t) for t in timesteps], dtype=torch.long)
+            n = self.config.num_train_timesteps
+            if grid.numel() < 1 or (grid[:-1] <= grid[1:]).any() or grid.min() < 0 or grid.max() >= n:
+                raise ValueError(f"timesteps must be strictly decreasing levels in [0, {n - 1}], got {grid.tolist()}")
+        else:
+            num_inference_steps = num_inference_steps or self.config.num_inference_steps
+            if num_inference_steps < 1:
+                raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+            grid = self.grid(num_inference_steps)
+        self.num_inference_steps = len(grid)
+        self.timesteps = grid.to(device)
         self._level = {int(t): k for k, t in enumerate(self.timesteps)}
 
     def level_step_size(self, timestep: int, step_size: float | None = None) -> float:

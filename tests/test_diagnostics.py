@@ -1,0 +1,60 @@
+"""The effective-noise diagnostic (energy-distance level matching) and the adaptive grid."""
+
+import pytest
+import torch
+
+from latent_dmmd import DMMDScheduler
+from latent_dmmd.diagnostics import adaptive_grid, effective_noise_level, plot_effective_noise, trace_effective_noise
+from latent_dmmd.reference import compute_reference_statistics
+
+from .conftest import tiny_data, tiny_pipeline
+
+
+def clustered_data(n=400, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = 1.5 * torch.randn(5, d, generator=g)
+    return centres[torch.randint(0, 5, (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g)
+
+
+@pytest.mark.parametrize("level", [0, 150, 400, 700, 999])
+def test_effective_level_of_forward_noised_data_is_its_own_level(level):
+    sched = DMMDScheduler()
+    data, held_out = clustered_data(seed=0), clustered_data(seed=0)[200:]
+    noise = torch.randn(held_out.shape, generator=torch.Generator().manual_seed(5))
+    a, s = sched.alpha_sigma(level)
+    found, _, _ = effective_noise_level(a * held_out + s * noise, data[:200], sched,
+                                        generator=torch.Generator().manual_seed(1))  # fmt: skip
+    # judged by the signal coefficient alpha_t: near t = 999 levels 100 apart differ by 0.01 in alpha,
+    # below what 200 samples can resolve, and the match is that loose there only
+    assert abs(sched.alpha_sigma(found)[0] - sched.alpha_sigma(level)[0]).item() < 0.03, (level, found)
+
+
+def test_adaptive_grid_is_the_identity_on_schedule_and_re_times_lagging_particles():
+    scheduled = [999, 750, 500, 250, 0, 0]
+    assert adaptive_grid(scheduled, [999, 750, 500, 250, 0, 30]) == [999, 750, 500, 250, 0]
+    # particles lag behind (noisier than scheduled) and even go back up: monotone, strictly decreasing
+    assert adaptive_grid(scheduled, [999, 990, 820, 840, 300, 30]) == [999, 990, 820, 819, 300]
+    # far ahead of schedule near the end: clipped at t_min with room for every level
+    assert adaptive_grid([999, 500, 20, 0], [999, 10, 5, 0], t_min=20) == [999, 21, 20]
+
+
+def test_trace_and_custom_grid_through_the_pipeline(tmp_path):
+    pipe = tiny_pipeline(num_inference_steps=3, flow_steps_per_level=2)
+    data = tiny_data(n=64)
+    trace = trace_effective_noise(pipe, data, num_images=32, seed=0)
+    assert trace["scheduled"] == [*pipe.scheduler.timesteps.tolist(), 0]
+    assert len(trace["effective"]) == 4 and trace["effective"][0] > 800  # the initial noise is pure noise
+    grid = adaptive_grid(trace["scheduled"], trace["effective"], t_min=0)
+    assert len(grid) == 3 and all(a > b for a, b in zip(grid, grid[1:]))
+    sched = pipe.scheduler
+    with pytest.raises(ValueError, match="statistics"):
+        pipe(num_images=2, timesteps=[900, 500, 1], output_type="latent")
+    stats = compute_reference_statistics(pipe.discriminator, data.split(16), torch.tensor([900, 500, 1]),
+                                         sched.alphas_cumprod, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    pipe.discriminator.set_reference_statistics(stats)
+    out = pipe(num_images=2, timesteps=[900, 500, 1], generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert torch.isfinite(out.images).all() and sched.timesteps.tolist() == [900, 500, 1]
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        pipe(num_images=2, timesteps=[500, 900, 1])
+    plot_effective_noise({"tiny": trace}, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
