@@ -75,7 +75,8 @@ def trace_effective_noise(pipe, data: torch.Tensor, num_images: int = 256, seed:
 
 def adaptive_grid(scheduled: list[int], effective: list[int], t_min: int | None = None, t_max: int | None = None) -> list[int]:
     """Re-time a grid from a pilot run's effective levels: level ``k`` is applied at the level
-    the particles entering it actually sat at, kept strictly decreasing within ``[t_min, t_max]``.
+    the particles entering it actually sat at, kept strictly decreasing within ``[t_min, t_max]``;
+    the last level stays at ``t_min`` (the flow must end at the data, however far behind it is).
 
     ``scheduled``/``effective`` are what ``trace_effective_noise`` returns (their last entry, the
     final particles, is not a level and is dropped).
@@ -90,6 +91,7 @@ def adaptive_grid(scheduled: list[int], effective: list[int], t_min: int | None 
         room = len(levels) - 1 - k
         t = min(int(t), out[-1] - 1 if out else t_max)
         out.append(max(t, t_min + room))
+    out[-1] = t_min
     return out
 
 

@@ -32,8 +32,9 @@ def test_effective_level_of_forward_noised_data_is_its_own_level(level):
 def test_adaptive_grid_is_the_identity_on_schedule_and_re_times_lagging_particles():
     scheduled = [999, 750, 500, 250, 0, 0]
     assert adaptive_grid(scheduled, [999, 750, 500, 250, 0, 30]) == [999, 750, 500, 250, 0]
-    # particles lag behind (noisier than scheduled) and even go back up: monotone, strictly decreasing
-    assert adaptive_grid(scheduled, [999, 990, 820, 840, 300, 30]) == [999, 990, 820, 819, 300]
+    # particles lag behind (noisier than scheduled) and even go back up: monotone, strictly decreasing,
+    # and the last level stays at t_min
+    assert adaptive_grid(scheduled, [999, 990, 820, 840, 300, 30]) == [999, 990, 820, 819, 0]
     # far ahead of schedule near the end: clipped at t_min with room for every level
     assert adaptive_grid([999, 500, 20, 0], [999, 10, 5, 0], t_min=20) == [999, 21, 20]
 
