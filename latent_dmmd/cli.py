@@ -14,6 +14,9 @@ import time
 
 from . import __version__
 
+# the Fashion-MNIST pipeline shipped in the repository (pixel space: no autoencoder to fetch)
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "fashion-mnist-dmmd")
+
 
 class UserError(Exception):
     """A mistake in the command line or its inputs: reported in one line, exit status 2."""
@@ -93,9 +96,23 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise UserError(f"--num-images {args.num_images} does not match the {len(args.seeds)} --seeds")
     seeds = args.seeds or [args.seed + i for i in range(args.num_images)]
     os.makedirs(args.output_dir, exist_ok=True)
+    if args.model is None:
+        if not os.path.isdir(DEFAULT_MODEL):
+            raise UserError(f"the shipped model is not at {DEFAULT_MODEL} (installed without the repository?): "
+                            "pass a pipeline folder or Hub id")  # fmt: skip
+        args.model = DEFAULT_MODEL
     pipe = _load_pipeline(args.model)
+    if args.score_model:
+        from diffusers import UNet2DModel
+
+        try:
+            pipe.register_modules(score_model=UNet2DModel.from_pretrained(args.score_model))
+        except (OSError, EnvironmentError) as err:
+            raise UserError(f"cannot load the score model {args.score_model}: {str(err).splitlines()[0]}") from err
     pipe.set_progress_bar_config(desc="DMMD flow")
-    call = {k: getattr(args, k) for k in ("num_inference_steps", "flow_steps_per_level", "step_size") if getattr(args, k)}
+    keys = ("num_inference_steps", "flow_steps_per_level", "step_size", "noise_scale", "noise_schedule", "noise_mode",
+            "score_weight")  # fmt: skip
+    call = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     start = time.perf_counter()
     images = pipe(num_images=len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds], **call).images
     seconds = time.perf_counter() - start
@@ -218,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     sample = sub.add_parser("sample", formatter_class=fmt, help="generate images from a pipeline folder or Hub id")
-    sample.add_argument("model", help="pipeline folder (save_pretrained) or Hub id user/name")
+    sample.add_argument("model", nargs="?", default=None,
+                        help="pipeline folder (save_pretrained) or Hub id user/name (default: the shipped "
+                             "Fashion-MNIST model, models/fashion-mnist-dmmd)")  # fmt: skip
     sample.add_argument("--num-images", type=_positive_int, default=8, help="images (particles) generated together")
     sample.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     sample.add_argument("--seeds", type=int, nargs="+", help="explicit per-image seeds (overrides --seed/--num-images)")
@@ -228,6 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="N_s flow steps per level (default: the model's scheduler config)")  # fmt: skip
     sample.add_argument("--step-size", dest="step_size", type=_positive_float, default=None,
                         help="flow step size eta (default: the model's scheduler config)")  # fmt: skip
+    sample.add_argument("--noise-scale", dest="noise_scale", type=float, default=None,
+                        help="DiffFlow noise g0 (default: the scheduler config, 0 = plain DMMD)")  # fmt: skip
+    sample.add_argument("--noise-schedule", dest="noise_schedule", choices=("sigma", "constant", "window"), default=None,
+                        help="g(t) = g0 sigma_t, g0, or g0 inside the config's noise_window")  # fmt: skip
+    sample.add_argument("--noise-mode", dest="noise_mode", choices=("plain", "compensated", "score"), default=None,
+                        help="DiffFlow noise mode (method 7)")  # fmt: skip
+    sample.add_argument("--score-weight", dest="score_weight", type=float, default=None,
+                        help="w in [0, 1]: witness drift x (1 - w); needs --noise-mode score")  # fmt: skip
+    sample.add_argument("--score-model", dest="score_model", default=None,
+                        help="epsilon UNet folder of a DDPM on the same forward process (e.g. <run>/baseline/unet)")  # fmt: skip
     sample.add_argument("--output-dir", default="samples", help="folder for the PNG(s)")
     sample.add_argument("--no-grid", dest="grid", action="store_false", help="one PNG per image instead of a grid")
     sample.add_argument("--nrow", type=_positive_int, default=8, help="images per grid row")

@@ -164,6 +164,27 @@ def test_latent_space_pipeline_decodes_with_the_vae():
     assert torch.allclose(images, (expected / 2 + 0.5).clamp(0, 1), atol=1e-5)
 
 
+def test_a_latent_model_without_its_autoencoder_says_how_to_attach_it(tmp_path):
+    from latent_dmmd.models.discriminator import vae_contract
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+    )  # fmt: skip
+    full = tiny_pipeline(in_channels=4, vae=vae)
+    full.discriminator.register_to_config(reference_vae=vae_contract(vae))
+    DMMDPipeline(full.discriminator, full.scheduler).save_pretrained(tmp_path)  # shipped without the VAE
+    bare = DMMDPipeline.from_pretrained(tmp_path)
+    bare.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match="latent space of a AutoencoderKL.*vae="):
+        sample(bare, num_images=2)
+    assert sample(bare, num_images=2, output_type="latent").shape == (2, 4, 8, 8)
+    attached = DMMDPipeline.from_pretrained(tmp_path, vae=vae)
+    attached.set_progress_bar_config(disable=True)
+    assert np.allclose(sample(attached, num_images=2), sample(full, num_images=2), atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- bad input
 
 

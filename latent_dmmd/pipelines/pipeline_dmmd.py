@@ -146,6 +146,13 @@ class DMMDPipeline(DiffusionPipeline):
         bad = [k for k in callback_tensor_inputs if k not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs {bad} not in {self._callback_tensor_inputs}")
+        stored_vae = self.discriminator.config.reference_vae
+        if self.vae is None and stored_vae is not None and output_type != "latent":
+            raise ValueError(
+                f"this model flows in the latent space of a {stored_vae['class']} autoencoder, which its folder does "
+                f"not contain: load it and pass it, DMMDPipeline.from_pretrained(folder, vae=...) (the model card "
+                f"says how), or ask for output_type='latent'"
+            )
         if self.vae is not None:
             self.discriminator.check_vae(self.vae)
             latent_channels = self.vae.config.latent_channels
