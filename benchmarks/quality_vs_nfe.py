@@ -45,7 +45,8 @@ def dmmd_points(pipe, nfes, levels_list, args, metric, stats_data):
             metric.reset_fake()
             metric.update(images, real=False)
             m = metric.compute()
-            rows.append({"method": "dmmd", "nfe": n, "levels": t, "flow_steps": n // t, "forward_equivalents": pipe.scheduler.nfe()["forward_equivalents"] // pipe.scheduler.config.flow_steps_per_level * (n // t),
+            rows.append({"method": "dmmd", "nfe": n, "levels": t, "flow_steps": n // t, "forward_equivalents": 3 * n,
+                         "step_size": pipe.scheduler.config.step_size,
                          "seconds_per_image": seconds / args.num_samples, **m})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     return rows

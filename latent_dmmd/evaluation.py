@@ -261,10 +261,10 @@ def output_resolution(pipe) -> int:
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int = 8) -> np.ndarray:
-    """Save uint8 images (B, 3, H, W) as one PNG grid; returns the grid array."""
+    """Save images (anything ``to_uint8`` accepts) as one PNG grid; returns the grid array."""
     from PIL import Image
 
-    grid = image_grid(images, nrow)
+    grid = image_grid(to_uint8(images), nrow)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(grid).save(path)
     return grid
