@@ -82,12 +82,13 @@ def write_model_card(
     datasets: list[str] | None = None,
     data_terms: str | None = None,
     vae_note: str | None = None,
+    limitations: list[str] | None = None,
 ) -> str:
     """Render the model card (README.md) of a pipeline folder.
 
     ``config`` is the training config (dataclass or dict); ``info`` the run summary;
     ``metrics_file`` a ``metrics.json`` of ``scripts/evaluate.py`` whose numbers and protocol go
-    into both the YAML ``model-index`` and the body.
+    into both the YAML ``model-index`` and the body; ``limitations`` extra bullets for the card.
     """
     import dataclasses
 
@@ -169,6 +170,9 @@ def write_model_card(
         particle_mean=sched.config.particle_mean,
         reference=sched.config.reference,
         data_terms=data_terms,
+        limitations=limitations or [],
+        budget=f"{cfg['max_train_minutes']:g} min" if cfg.get("max_train_minutes") else None,
+        steps_done=info.get("train_steps"),
     )
     path = os.path.join(folder, "README.md")
     card.save(path)
