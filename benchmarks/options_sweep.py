@@ -80,7 +80,6 @@ def main():
     config = load_config(["--config", args.config, *train_args])
     data = LatentCacheDataset(config.cache_dir).tensors["mean"]
     rows, metric = [], None
-    base_t = args.nfe // 10 if args.nfe % 10 == 0 else args.levels[0]
     for name, folder in folders.items():
         pipe = DMMDPipeline.from_pretrained(folder)
         pipe.set_progress_bar_config(disable=True)

