@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import tempfile
 
 import torch
 import yaml
@@ -70,29 +71,33 @@ def main(argv=None):
     resolution = output_resolution(pipe)
     if args.drop_vae:
         pipe = DMMDPipeline(discriminator=pipe.discriminator, scheduler=pipe.scheduler)
-    tmp = args.dest.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if args.sample_grid:
-        pipe.set_progress_bar_config(disable=True)
-        images = pipe(num_images=16, generator=torch.Generator().manual_seed(0), output_type="pt").images
-        save_grid(images, os.path.join(tmp, "samples.png"), nrow=8)
-    metrics = args.metrics
-    if args.metrics_from_benchmark:
-        metrics = os.path.join(tmp, "..", os.path.basename(args.dest.rstrip("/")) + ".metrics.json")
-        benchmark_metrics(pipe, args.metrics_from_benchmark, metrics, resolution)
     with open(os.path.join(args.run, "config.yaml")) as f:
         config = yaml.safe_load(f)
     with open(os.path.join(args.run, "training_summary.json")) as f:
         info = json.load(f)
-    write_model_card(
-        tmp, config, info, metrics_file=metrics, sample_grid="samples.png" if args.sample_grid else None,
-        datasets=args.dataset, data_terms=args.data_terms, vae_note=args.vae_note, limitations=args.limitation,
-    )  # fmt: skip
-    if args.metrics_from_benchmark:
-        os.remove(metrics)
+    tmp = args.dest.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if args.sample_grid:
+            pipe.set_progress_bar_config(disable=True)
+            images = pipe(num_images=16, generator=torch.Generator().manual_seed(0), output_type="pt").images
+            save_grid(images, os.path.join(tmp, "samples.png"), nrow=8)
+        with tempfile.TemporaryDirectory() as scratch:
+            metrics = args.metrics
+            if args.metrics_from_benchmark:
+                metrics = os.path.join(scratch, "metrics.json")
+                benchmark_metrics(pipe, args.metrics_from_benchmark, metrics, resolution)
+            write_model_card(
+                tmp, config, info, metrics_file=metrics, sample_grid="samples.png" if args.sample_grid else None,
+                datasets=args.dataset, data_terms=args.data_terms, vae_note=args.vae_note,
+                limitations=args.limitation,
+            )  # fmt: skip
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written folder left behind
+        raise
     shutil.rmtree(args.dest, ignore_errors=True)
-    os.replace(tmp, args.dest)  # nothing half-written at dest
+    os.replace(tmp, args.dest)
     print("wrote", args.dest)
 
 

@@ -1,0 +1,82 @@
+"""scripts/ship_model.py: a run folder becomes a model folder without the autoencoder, with its card."""
+
+import importlib.util
+import json
+import os
+
+import torch
+import yaml
+from diffusers import AutoencoderKL
+
+from latent_dmmd import DMMDPipeline
+from latent_dmmd.models.discriminator import vae_contract
+
+from .conftest import tiny_pipeline
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "ship_model.py")
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("ship_model", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ship_without_vae_keeps_the_contract_and_takes_numbers_from_the_benchmark(tmp_path):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+    )  # fmt: skip
+    full = tiny_pipeline(in_channels=4, vae=vae)
+    full.discriminator.register_to_config(reference_vae=vae_contract(vae))
+    run = tmp_path / "run"
+    full.save_pretrained(run / "pipeline")
+    (run / "config.yaml").write_text(yaml.safe_dump({"train_data_dir": "faces", "resolution": 16,
+                                                     "max_train_steps": 100, "max_train_minutes": 5.0,
+                                                     "train_batch_size": 4}))  # fmt: skip
+    (run / "training_summary.json").write_text(json.dumps({"train_seconds": 300.0, "train_steps": 42}))
+    cfg = full.scheduler.config
+    bench = tmp_path / "quality.json"
+    bench.write_text(json.dumps({
+        "args": {"dmmd": str(run / "pipeline"), "reference": "faces", "reference_first_index": 3500,
+                 "batch_size": 100, "seed": 0},
+        "rows": [{"method": "dmmd", "levels": cfg.num_inference_steps, "flow_steps": cfg.flow_steps_per_level,
+                  "step_size": cfg.step_size, "fid": 77.7, "kid": 0.05, "kid_std": 0.01, "num_fake": 500,
+                  "num_real": 500, "seconds_per_image": 0.1},
+                 {"method": "ddim", "nfe": 20, "fid": 1.0}],
+    }))  # fmt: skip
+
+    dest = tmp_path / "models" / "tiny"
+    load_script().main([str(run), str(dest), "--drop-vae", "--metrics-from-benchmark", str(bench),
+                        "--data-terms", "non-commercial research only", "--vae-note", "attach it with load_x",
+                        "--limitation", "trained for five minutes"])  # fmt: skip
+
+    files = sorted(os.path.relpath(os.path.join(r, f), dest) for r, _, fs in os.walk(dest) for f in fs)
+    assert not any(f.startswith("vae") for f in files) and not any(f.endswith(".png") for f in files), files
+    assert sorted(os.listdir(tmp_path / "models")) == ["tiny"]
+    card = (dest / "README.md").read_text()
+    for text in ("77.70", "500 / 500", "attach it with load_x", "non-commercial research only", "42 × 4",
+                 "trained for five minutes", "wall-clock budget 5 min", "reference faces from index 3500"):  # fmt: skip
+        assert text in card, text
+    bare = DMMDPipeline.from_pretrained(dest)
+    assert bare.vae is None and bare.discriminator.config.reference_vae == vae_contract(vae)
+    attached = DMMDPipeline.from_pretrained(dest, vae=vae)
+    attached.set_progress_bar_config(disable=True)
+    gen = lambda p: p(num_images=2, generator=torch.Generator().manual_seed(0), output_type="pt").images  # noqa: E731
+    assert torch.allclose(gen(attached), gen(full), atol=1e-5)
+
+
+def test_a_benchmark_without_the_models_own_sampler_row_is_refused(tmp_path):
+    import pytest
+
+    run = tmp_path / "run"
+    tiny_pipeline().save_pretrained(run / "pipeline")
+    (run / "config.yaml").write_text("resolution: 8\n")
+    (run / "training_summary.json").write_text("{}")
+    bench = tmp_path / "q.json"
+    bench.write_text(json.dumps({"args": {}, "rows": [{"method": "dmmd", "levels": 99, "flow_steps": 1}]}))
+    with pytest.raises(SystemExit, match="no DMMD row"):
+        load_script().main([str(run), str(tmp_path / "out"), "--metrics-from-benchmark", str(bench)])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
