@@ -35,7 +35,7 @@ def timeit_pair(a, b, repeats: int = 5, warmup: int = 1) -> tuple[dict, dict]:
             start = time.perf_counter()
             fn()
             out.append(time.perf_counter() - start)
-    summary = lambda ts: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "repeats": repeats}  # noqa: E731
+    summary = lambda ts: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "repeats": repeats}
     return summary(ta), summary(tb)
 
 
@@ -53,7 +53,7 @@ def plt():
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as pyplot
+    from matplotlib import pyplot
 
     return pyplot
 

@@ -19,7 +19,6 @@ import json
 import os
 
 import torch
-
 from common import RESULTS, plt, write
 
 

@@ -21,7 +21,6 @@ import os
 import sys
 
 import torch
-
 from common import plt, write
 
 VARIANTS = {  # name: training overrides on top of the base config

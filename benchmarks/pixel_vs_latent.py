@@ -17,7 +17,6 @@ import json
 import os
 
 import torch
-
 from common import plt, timeit, write
 
 WIDTH = (64, 128, 128, 256)
@@ -77,7 +76,7 @@ def main():
     with torch.no_grad():
         t_dec = timeit(lambda: decode_latents(vae, z_lat), args.repeats)
     t_lat_full = timeit(lambda: (lat_step(total_steps), decode_latents(vae, z_lat)), 1, warmup=0)
-    per = lambda s: s / args.batch  # noqa: E731
+    per = lambda s: s / args.batch
     record = {
         "benchmark": "time per 256x256 image, pixel vs latent DMMD",
         "width": WIDTH, "batch": args.batch, "flow_steps_total": total_steps, "autoencoder": vae_name,

@@ -18,7 +18,6 @@ import os
 import time
 
 import torch
-
 from common import plt, write
 
 

@@ -17,7 +17,6 @@ import subprocess
 import sys
 
 import torch
-
 from common import RESULTS, latent64_discriminator, plt, timeit, write
 
 MODES = [("ensemble", "cached"), ("forward_marginal", "cached"), ("ensemble", "data"), ("forward_marginal", "data")]

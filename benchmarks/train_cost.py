@@ -15,7 +15,6 @@ import json
 import os
 
 import torch
-
 from common import latent64_discriminator, plt, timeit_pair, write
 
 

@@ -7,7 +7,6 @@ Latents seen by the discriminator are always *scaled*: ``z = (vae_latent - shift
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass

@@ -85,7 +85,7 @@ def _load_pipeline(model: str):
         raise UserError(f"{model} is neither a pipeline folder nor a Hub id (user/name)")
     try:
         return DMMDPipeline.from_pretrained(model)
-    except (OSError, EnvironmentError) as err:
+    except OSError as err:
         raise UserError(f"cannot load {model}: {str(err).splitlines()[0]}") from err
 
 
@@ -107,7 +107,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
         try:
             pipe.register_modules(score_model=UNet2DModel.from_pretrained(args.score_model))
-        except (OSError, EnvironmentError) as err:
+        except OSError as err:
             raise UserError(f"cannot load the score model {args.score_model}: {str(err).splitlines()[0]}") from err
     pipe.set_progress_bar_config(desc="DMMD flow")
     keys = ("num_inference_steps", "flow_steps_per_level", "step_size", "noise_scale", "noise_schedule", "noise_mode",

@@ -252,7 +252,7 @@ class CacheMeta:
     flip_variants: bool
     latent_shape: list
 
-    def mismatches(self, other: "CacheMeta") -> list[str]:
+    def mismatches(self, other: CacheMeta) -> list[str]:
         """Names of the fields (VAE fields as ``vae.<name>``) that differ from ``other``."""
         bad = []
         for key, value in asdict(self).items():

@@ -15,7 +15,7 @@ import json
 import os
 import platform
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch

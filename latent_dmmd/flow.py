@@ -9,7 +9,8 @@ and a progress-bar factory; tests pass a 2-D MLP or an analytic feature map.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -121,7 +122,7 @@ def sample_flow(
                 direction = kale_direction(kale_lambda)
             elif particle_mean == "ensemble":
                 m_p = reference(k, t[:1]).to(z.device)
-                direction = lambda f, m_p=m_p: f.float().mean(0) - m_p  # noqa: E731
+                direction = lambda f, m_p=m_p: f.float().mean(0) - m_p
             else:
                 direction = marginal(k, t[:1]).to(z.device) - reference(k, t[:1]).to(z.device)
             for _ in range(flow_steps):

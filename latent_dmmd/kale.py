@@ -17,8 +17,8 @@ The gradient flow of ``Q -> KALE(P || Q)`` moves particles with velocity
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -8,8 +8,9 @@ Section numbers (§) refer to ``docs/method.md``.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 

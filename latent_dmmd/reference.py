@@ -7,8 +7,8 @@ forward process at each level, so a sampler can refuse stale or mismatched ones.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from tqdm.auto import tqdm

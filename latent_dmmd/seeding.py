@@ -8,7 +8,7 @@ same noise, noise levels and interpolation weights, so they reach the same param
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 

@@ -29,7 +29,7 @@ logger = logging.getLogger("latent_dmmd.training")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-def _f(default, help, **kw):  # noqa: A002 - a field with its help text
+def _f(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -434,8 +434,15 @@ def prepare_latents(accelerator, config: TrainConfig):
     """Make sure the latent cache for this run exists (encoding split across processes) and
     return ``(LatentCacheDataset, vae_identity)``. The VAE is freed before training."""
     from .autoencoders import check_latent_scale, load_autoencoder, vae_identity
-    from .data import CacheMeta, LatentCacheDataset, check_cache, encode_shard, read_cache_meta, write_cache_meta
-    from .data import write_cache_shard
+    from .data import (
+        CacheMeta,
+        LatentCacheDataset,
+        check_cache,
+        encode_shard,
+        read_cache_meta,
+        write_cache_meta,
+        write_cache_shard,
+    )
 
     images = _image_dataset(config)
     vae = load_autoencoder(config.pretrained_vae, config.vae_subfolder, config.vae_revision).to(accelerator.device)
@@ -684,9 +691,7 @@ def _ema_model(accelerator, model, ema):
 @torch.no_grad()
 def validate(accelerator, model, ema, scheduler, dataset, config: TrainConfig, step: int, train_vae=None):
     """Sample a grid with the EMA weights and statistics from a small data subset."""
-    from .data import collate_skipping
     from .pipelines import DMMDPipeline
-    from .reference import compute_reference_statistics
 
     if not accelerator.is_main_process:
         return

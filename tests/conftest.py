@@ -4,11 +4,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from latent_dmmd import DMMDDiscriminator, DMMDPipeline, DMMDScheduler  # noqa: E402
-from latent_dmmd.reference import compute_reference_statistics  # noqa: E402
+from latent_dmmd import DMMDDiscriminator, DMMDPipeline, DMMDScheduler
+from latent_dmmd.reference import compute_reference_statistics
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

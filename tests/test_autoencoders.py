@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
 
 from latent_dmmd.autoencoders import (
     check_latent_scale,
@@ -33,7 +32,7 @@ def test_scaled_encode_decode_round_trip_uses_the_config_factors(tmp_path):
 class HalfOverflowVAE(torch.nn.Module):
     """Decodes to inf in half precision, like the classic fp16 SD-VAE overflow."""
 
-    class config:  # noqa: N801 - mimics a diffusers config object
+    class config:
         scaling_factor, shift_factor, latent_channels = 1.0, 0.0, 4
 
     def __init__(self):

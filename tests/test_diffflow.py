@@ -55,7 +55,7 @@ def test_zero_noise_is_the_plain_flow_bit_for_bit_and_draws_no_random_numbers(mo
     plain = sample_flow(quadratic_phi, z0, sched.timesteps, reference, flow_steps=5, update=0.05)
     gen = torch.Generator().manual_seed(7)
     state = gen.get_state()
-    update = lambda g, k, z: sched.step(g, sched.timesteps[k], z, generator=gen).prev_sample  # noqa: E731
+    update = lambda g, k, z: sched.step(g, sched.timesteps[k], z, generator=gen).prev_sample
     diffflow = sample_flow(quadratic_phi, z0, sched.timesteps, reference, flow_steps=5, update=update)
     assert torch.equal(plain, diffflow)
     assert torch.equal(gen.get_state(), state)

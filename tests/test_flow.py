@@ -26,7 +26,7 @@ def test_linear_features_step_contracts_the_mean_and_keeps_the_covariance():
 
 def test_quadratic_features_flow_a_gaussian_onto_a_gaussian():
     # method §6: phi(x) = (x, x^2) in 1-D, N(0, 1) -> N(1.5, 0.7^2), eta 0.05, 4000 steps
-    phi = lambda x, t: torch.cat([x, x.square()], 1)  # noqa: E731
+    phi = lambda x, t: torch.cat([x, x.square()], 1)
     m_p = torch.tensor([[1.5, 1.5**2 + 0.7**2]], dtype=torch.float64)
     z = torch.randn(2000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     out = sample_flow(phi, z, [0], m_p, flow_steps=4000, update=0.05)

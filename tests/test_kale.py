@@ -19,7 +19,7 @@ def test_kale_bound_recovers_the_log_density_ratio_and_the_kl_of_two_gaussians()
     p = torch.randn(20000, generator=g, dtype=torch.float64)
     q = 1 + torch.randn(20000, generator=g, dtype=torch.float64)
     params = torch.zeros(2, dtype=torch.float64, requires_grad=True)
-    critic = lambda x, t: params[0] * x + params[1]  # noqa: E731
+    critic = lambda x, t: params[0] * x + params[1]
     opt = torch.optim.Adam([params], lr=0.05)
     t = torch.zeros(20000, dtype=torch.long)
     for _ in range(600):
@@ -35,7 +35,7 @@ def test_kale_bound_recovers_the_log_density_ratio_and_the_kl_of_two_gaussians()
 def test_kale_velocity_is_one_plus_lambda_exp_h_grad_h():
     # h(x) = -x1 + 0.5 (per particle, 2-D): velocity (1 + lam) e^h (-1, 0)
     lam, eta = 0.1, 0.2
-    h = lambda x, t: (0.5 - x[:, :1])  # noqa: E731  (N, 1) critic values
+    h = lambda x, t: (0.5 - x[:, :1])
     z = torch.randn(50, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     out = sample_flow(h, z, [0], None, flow_steps=1, update=eta, kale_lambda=lam)
     expected = z.clone()

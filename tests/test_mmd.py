@@ -87,7 +87,7 @@ def test_energy_distance_is_zero_for_same_law_and_positive_for_shift():
 def test_witness_gradient_is_jacobian_transpose_times_direction():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5))
-    phi = lambda x, t: net(x)  # noqa: E731
+    phi = lambda x, t: net(x)
     z, g = torch.randn(4, 3), torch.randn(5)
     grad, feats = witness_gradient(phi, z, torch.zeros(4), g)
     for i in range(4):
@@ -97,7 +97,7 @@ def test_witness_gradient_is_jacobian_transpose_times_direction():
 
 
 def test_witness_gradient_with_ensemble_direction_uses_the_same_forward():
-    phi = lambda x, t: torch.cat([x, x.square()], 1)  # noqa: E731
+    phi = lambda x, t: torch.cat([x, x.square()], 1)
     z = torch.tensor([[1.0], [3.0]])
     m_p = torch.tensor([0.0, 1.0])
     grad, _ = witness_gradient(phi, z, torch.zeros(2), lambda f: f.mean(0) - m_p)

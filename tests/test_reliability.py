@@ -4,14 +4,13 @@ import json
 import multiprocessing
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from latent_dmmd import DMMDPipeline
 from latent_dmmd.data import write_cache_shard
@@ -99,7 +98,7 @@ def test_plain_diffusers_never_runs_folder_code_without_trust_remote_code(saved,
 
 
 def test_nan_steps_are_skipped_counted_then_stop_the_run(tmp_path, monkeypatch):
-    import latent_dmmd.training as training
+    from latent_dmmd import training
 
     real = training.dmmd_step_loss
     calls = {"n": 0}
@@ -223,7 +222,7 @@ def test_statistics_made_with_another_autoencoder_are_refused(tmp_path):
     from latent_dmmd.reference import compute_reference_statistics
 
     torch.manual_seed(0)
-    make = lambda s: AutoencoderKL(latent_channels=3, block_out_channels=(8,), norm_num_groups=4, scaling_factor=s)  # noqa: E731
+    make = lambda s: AutoencoderKL(latent_channels=3, block_out_channels=(8,), norm_num_groups=4, scaling_factor=s)
     pipe = tiny_pipeline(vae=make(0.5))
     disc, sched = pipe.discriminator, pipe.scheduler
     data = torch.randn(8, 3, 8, 8)

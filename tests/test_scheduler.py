@@ -85,7 +85,7 @@ def test_config_round_trip(tmp_path):
     s = DMMDScheduler(num_inference_steps=7, flow_steps_per_level=3, particle_mean="forward_marginal", step_size=0.25)
     s.save_config(tmp_path)
     loaded = DMMDScheduler.from_pretrained(tmp_path)
-    drop = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    drop = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}
     assert drop(loaded.config) == drop(s.config)
     assert torch.equal(loaded.timesteps, s.timesteps)
     assert s.nfe() == {"nfe": 21, "forward_equivalents": 63}

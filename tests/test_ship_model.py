@@ -64,7 +64,7 @@ def test_ship_without_vae_keeps_the_contract_and_takes_numbers_from_the_benchmar
     assert bare.vae is None and bare.discriminator.config.reference_vae == vae_contract(vae)
     attached = DMMDPipeline.from_pretrained(dest, vae=vae)
     attached.set_progress_bar_config(disable=True)
-    gen = lambda p: p(num_images=2, generator=torch.Generator().manual_seed(0), output_type="pt").images  # noqa: E731
+    gen = lambda p: p(num_images=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert torch.allclose(gen(attached), gen(full), atol=1e-5)
 
 

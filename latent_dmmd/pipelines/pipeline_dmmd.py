@@ -7,7 +7,7 @@ VAE decodes at the end). The particle loop itself is ``latent_dmmd.flow.sample_f
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from diffusers.image_processor import VaeImageProcessor
