@@ -51,7 +51,7 @@ def dmmd_points(pipe, nfes, levels_list, args, metric, stats_data):
     return rows
 
 
-def baseline_points(folder, nfes, args, metric):
+def baseline_points(folder, nfes, args, metric, stats_data=None):
     from diffusers import DDPMScheduler, UNet2DModel
 
     from latent_dmmd.autoencoders import load_autoencoder
@@ -61,9 +61,11 @@ def baseline_points(folder, nfes, args, metric):
     unet = UNet2DModel.from_pretrained(os.path.join(folder, "unet")).eval()
     vae = load_autoencoder(os.path.join(folder, "vae")) if os.path.isdir(os.path.join(folder, "vae")) else None
     betas = DDPMScheduler.from_pretrained(os.path.join(folder, "scheduler"))  # same betas as the DMMD model
-    rows = []
+    rows, clip = [], args.clip_sample_range
+    if clip is None:  # pixels lie in [-1, 1] (diffusers' default clipping); latents: their training range
+        clip = 1.0 if vae is None else (float(stats_data.abs().max()) if stats_data is not None else None)
     for kind in ("ddim", "ddpm"):
-        sched = baseline_scheduler(betas, kind)
+        sched = baseline_scheduler(betas, kind, clip_sample_range=clip)
         for n in nfes:
             start, chunks = time.perf_counter(), []
             for first in range(0, args.num_samples, args.batch_size):
@@ -73,7 +75,7 @@ def baseline_points(folder, nfes, args, metric):
             seconds = time.perf_counter() - start
             metric.reset_fake()
             metric.update(torch.cat(chunks), real=False)
-            rows.append({"method": kind, "nfe": n, "forward_equivalents": n,
+            rows.append({"method": kind, "nfe": n, "forward_equivalents": n, "clip_sample_range": clip,
                          "seconds_per_image": seconds / args.num_samples, **metric.compute()})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -94,6 +96,9 @@ def main():
     p.add_argument("--kid_subset_size", type=int, default=100, help="KID subset size")
     p.add_argument("--statistics_data", default=None,
                    help="latent cache or image folder to recompute statistics for every grid (default: stored ones)")  # fmt: skip
+    p.add_argument("--clip_sample_range", type=float, default=None,
+                   help="baselines clip predicted x0 to [-r, r] (default: 1 in pixel space, the training latents' max |z|)")
+    p.add_argument("--reuse_dmmd", default=None, help="results JSON (or printed JSON lines) whose DMMD rows are reused, not recomputed")
     p.add_argument("--name", default="quality_vs_nfe", help="output file stem in benchmarks/results")
     args = p.parse_args()
 
@@ -110,9 +115,16 @@ def main():
     resolution = output_resolution(pipe)
     for batch in reference_images(args.reference, resolution, args.reference_first_index, args.reference_count):
         metric.update(batch, real=True)
-    rows = dmmd_points(pipe, args.nfe, args.levels, args, metric, stats_data)
+    if args.reuse_dmmd:  # DMMD rows of an earlier run with the same protocol (e.g. to redo the baselines)
+        with open(args.reuse_dmmd) as f:  # a results JSON, or the JSON lines a run printed
+            text = f.read()
+        found = json.loads(text)["rows"] if text.lstrip().startswith('{"benchmark"') else [
+            json.loads(line) for line in text.splitlines() if line.startswith("{")]  # fmt: skip
+        rows = [r for r in found if r["method"] == "dmmd"]
+    else:
+        rows = dmmd_points(pipe, args.nfe, args.levels, args, metric, stats_data)
     if args.ddpm:
-        rows += baseline_points(args.ddpm, args.nfe, args, metric)
+        rows += baseline_points(args.ddpm, args.nfe, args, metric, stats_data)
     path = write(args.name, {"benchmark": "FID/KID vs NFE", "args": vars(args), "rows": rows})
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(6, 4))

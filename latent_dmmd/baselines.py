@@ -33,12 +33,19 @@ def ddpm_step_loss(unet, scheduler, x0: torch.Tensor, index: torch.Tensor, seed:
     return DDPMLossOutput(loss=torch.nn.functional.mse_loss(pred.float(), eps.float()))
 
 
-def baseline_scheduler(source_scheduler, kind: str = "ddim"):
+def baseline_scheduler(source_scheduler, kind: str = "ddim", clip_sample_range: float | None = None):
     """A diffusers DDPM or DDIM scheduler with the same betas as ``source_scheduler``
-    (a ``DMMDScheduler`` or the saved ``DDPMScheduler`` of a baseline: their config names match)."""
+    (a ``DMMDScheduler`` or the saved ``DDPMScheduler`` of a baseline: their config names match).
+
+    ``clip_sample_range`` clips the predicted clean sample to ``[-r, r]`` at every step, as
+    diffusers' pixel-space DDPM/DDIM do with ``r = 1`` by default; a short-trained epsilon network
+    otherwise lets a few samples run away (its x0 error is amplified by ``sigma_t / alpha_t``).
+    For latents use the range of the training latents; ``None`` disables clipping.
+    """
     c = source_scheduler.config
+    clip = {"clip_sample": clip_sample_range is not None, "clip_sample_range": clip_sample_range or 1.0}
     kwargs = dict(num_train_timesteps=c.num_train_timesteps, beta_start=c.beta_start, beta_end=c.beta_end,
-                  beta_schedule=c.beta_schedule, trained_betas=c.trained_betas, clip_sample=False)  # fmt: skip
+                  beta_schedule=c.beta_schedule, trained_betas=c.trained_betas, **clip)  # fmt: skip
     if kind == "ddpm":
         return DDPMScheduler(**kwargs)
     if kind == "ddim":

@@ -145,13 +145,16 @@ class FIDKID:
         self.kid_subset_size = kid_subset_size
         self.counts = {"real": 0, "fake": 0}
 
-    def update(self, images, real: bool) -> None:
-        x = to_uint8(images)
-        if self.extract is not None:
-            x = self.extract(x).double()
-        self.fid.update(x, real=real)
-        self.kid.update(x, real=real)
-        self.counts["real" if real else "fake"] += x.shape[0]
+    def update(self, images, real: bool, chunk: int = 100) -> None:
+        """Add images; Inception sees ``chunk`` at a time (299x299 activations of a few thousand
+        images at once would need tens of GB)."""
+        images = to_uint8(images)
+        for x in images.split(chunk):
+            if self.extract is not None:
+                x = self.extract(x).double()
+            self.fid.update(x, real=real)
+            self.kid.update(x, real=real)
+            self.counts["real" if real else "fake"] += x.shape[0]
 
     def compute(self) -> dict:
         subset = min(self.kid_subset_size, self.counts["real"], self.counts["fake"])

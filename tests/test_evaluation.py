@@ -87,3 +87,31 @@ def test_precision_recall_separate_fidelity_from_coverage():
     assert pr_same["precision"] > 0.7 and pr_same["recall"] > 0.7
     assert pr_collapsed["precision"] > 0.9 and pr_collapsed["recall"] < 0.2
     assert pr_far["precision"] == 0.0 and pr_far["recall"] == 0.0
+
+
+def test_update_feeds_the_extractor_in_chunks_with_the_same_result():
+    """2,000 generated images at 299x299 in one Inception batch need ~20 GB: update() chunks them."""
+
+    class Recording(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(3 * 4 * 4, 2048)
+            self.batches = []
+
+        def forward(self, x):
+            self.batches.append(x.shape[0])
+            return self.proj(torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1))
+
+    torch.manual_seed(0)
+    extractor = Recording()
+    g = torch.Generator().manual_seed(1)
+    real, fake = torch.rand(50, 3, 8, 8, generator=g), torch.rand(50, 3, 8, 8, generator=g) ** 2
+    results = []
+    for chunk in (7, 100):
+        m = FIDKID(kid_subset_size=10, extractor=extractor)
+        m.update(real, real=True, chunk=chunk)
+        m.update(fake, real=False, chunk=chunk)
+        results.append(m.compute())
+    assert max(extractor.batches[: 2 * 8]) == 7 and extractor.batches[-1] == 50
+    assert abs(results[0]["fid"] - results[1]["fid"]) < 1e-6 * max(1.0, results[1]["fid"])
+    assert results[0]["num_fake"] == results[1]["num_fake"] == 50

@@ -192,3 +192,10 @@ def test_ddpm_baseline_trains_the_same_backbone_and_samples_with_ddpm_and_ddim(t
         assert torch.equal(sched.alphas_cumprod, ours.alphas_cumprod)
         images = sample_baseline(unet, sched, 2, 5, generator=torch.Generator().manual_seed(0))
         assert images.shape == (2, 3, 8, 8) and torch.isfinite(images).all()
+    # clipping the predicted x0 (diffusers' pixel default) bounds DDIM's last step, which returns x0
+    with torch.no_grad():
+        unet.conv_out.bias.fill_(-50.0)  # a wildly wrong epsilon network
+    clipped = sample_baseline(unet, baseline_scheduler(ours, "ddim", clip_sample_range=0.5), 2, 5,
+                              generator=torch.Generator().manual_seed(0))  # fmt: skip
+    free = sample_baseline(unet, baseline_scheduler(ours, "ddim"), 2, 5, generator=torch.Generator().manual_seed(0))
+    assert clipped.abs().max() <= 0.5 + 1e-6 < free.abs().max()
