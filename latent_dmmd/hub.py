@@ -83,12 +83,13 @@ def write_model_card(
     data_terms: str | None = None,
     vae_note: str | None = None,
     limitations: list[str] | None = None,
+    name: str | None = None,
 ) -> str:
     """Render the model card (README.md) of a pipeline folder.
 
     ``config`` is the training config (dataclass or dict); ``info`` the run summary;
     ``metrics_file`` a ``metrics.json`` of ``scripts/evaluate.py`` whose numbers and protocol go
-    into both the YAML ``model-index`` and the body; ``limitations`` extra bullets for the card.
+    into both the YAML ``model-index`` and the body; ``limitations`` extra bullets for the card; ``name`` the model's name (default: from the repo id).
     """
     import dataclasses
 
@@ -110,9 +111,9 @@ def write_model_card(
         disc = json.load(f)
     with open(os.path.join(folder, "model_index.json")) as f:
         has_vae = (json.load(f).get("vae") or [None])[0] is not None
-    space = "latent" if has_vae else "pixel"
+    space = "latent" if has_vae or disc.get("reference_vae") else "pixel"  # a latent model may ship without its VAE
     repo = repo_id or cfg.get("hub_model_id") or "path/to/this/folder"
-    model_name = repo.split("/")[-1]
+    model_name = name or repo.split("/")[-1]
 
     metrics, protocol, eval_results = {}, "", None
     if metrics_file:
@@ -145,7 +146,7 @@ def write_model_card(
     card = ModelCard.from_template(
         card_data,
         template_str=_template(),
-        title=f"DMMD {space}-space model" + (f": {model_name}" if repo_id else ""),
+        title=f"DMMD {space}-space model" + (f": {model_name}" if repo_id or name else ""),
         space=space,
         repo_id=repo,
         vae_note=vae_note,

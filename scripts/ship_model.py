@@ -91,7 +91,7 @@ def main(argv=None):
             write_model_card(
                 tmp, config, info, metrics_file=metrics, sample_grid="samples.png" if args.sample_grid else None,
                 datasets=args.dataset, data_terms=args.data_terms, vae_note=args.vae_note,
-                limitations=args.limitation,
+                limitations=args.limitation, name=os.path.basename(os.path.normpath(args.dest)),
             )  # fmt: skip
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # no half-written folder left behind
