@@ -29,11 +29,13 @@ def test_console_script_help():
     assert bad.returncode == 2 and "must be >= 1" in bad.stderr and "Traceback" not in bad.stderr
 
 
-import os  # noqa: E402
+import os
 
-import pytest  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
-from .conftest import tiny_pipeline  # noqa: E402
+from .conftest import tiny_pipeline
 
 
 @pytest.fixture
@@ -102,3 +104,46 @@ def test_card_command_renders_metadata_and_the_loader(saved_pipeline, tmp_path):
     first_code = body.split("```python", 1)[1].split("```", 1)[0]
     assert 'DMMDPipeline.from_pretrained("me/dmmd-tiny")' in first_code
     assert "non-commercial research only" in body and "interact" in body and "100 NFE" in body
+
+
+def test_readme_main_command_samples_the_shipped_model(tmp_path, capsys):
+    """`latent-dmmd sample --num-images 8` (README quick start) with no model: the shipped Fashion-MNIST one."""
+    from PIL import Image
+
+    from latent_dmmd.cli import DEFAULT_MODEL
+
+    assert os.path.isfile(os.path.join(DEFAULT_MODEL, "model_index.json")), "the shipped model is part of the repo"
+    assert main(["sample", "--num-images", "2", "--output-dir", str(tmp_path)]) == 0
+    grid = np.asarray(Image.open(tmp_path / "grid.png").convert("L"), dtype=np.float64)
+    assert grid.shape == (32, 64)
+    assert grid.std() > 10  # a picture, not a constant frame
+
+
+def test_shipped_latent_model_has_no_autoencoder_and_says_how_to_attach_it():
+    """The CelebA-HQ model ships without TAEF2's weights and without face images."""
+    from latent_dmmd import DMMDPipeline
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "celebahq-taef2-64-dmmd")
+    files = [os.path.relpath(os.path.join(r, f), folder) for r, _, fs in os.walk(folder) for f in fs]
+    assert files and not any(f.startswith("vae") or f.endswith((".png", ".jpg")) for f in files), files
+    assert "load_taef2" in open(os.path.join(folder, "README.md")).read()
+    pipe = DMMDPipeline.from_pretrained(folder)
+    with pytest.raises(ValueError, match="from_pretrained\\(folder, vae=...\\)"):
+        pipe(num_images=1, num_inference_steps=10, flow_steps_per_level=1)
+    latents = pipe(num_images=2, num_inference_steps=10, flow_steps_per_level=1, output_type="latent").images
+    assert latents.shape == (2, 32, 8, 8) and torch.isfinite(latents).all()
+
+
+def test_shipped_latent_model_samples_faces_with_taef2_attached():
+    from latent_dmmd import DMMDPipeline
+    from latent_dmmd.autoencoders import load_taef2
+
+    from .conftest import TAEF2_DIR
+
+    if not os.path.isdir(TAEF2_DIR):
+        pytest.skip(f"TAEF2 weights not found at {TAEF2_DIR}")
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "celebahq-taef2-64-dmmd")
+    pipe = DMMDPipeline.from_pretrained(folder, vae=load_taef2(TAEF2_DIR))
+    images = pipe(num_images=2, num_inference_steps=10, flow_steps_per_level=1, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert images.shape == (2, 3, 64, 64) and 0 <= images.min() and images.max() <= 1 and images.std() > 0.05
