@@ -87,3 +87,14 @@ def tiny_vae_folder(folder, latent_channels: int = 4, scaling_factor: float = 0.
     )  # fmt: skip
     vae.save_pretrained(folder)
     return str(folder)
+
+
+def tiny_autoencoder(seed: int = 0):
+    """A tiny random 4-channel AutoencoderKL that halves the resolution (not saved)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+    )  # fmt: skip

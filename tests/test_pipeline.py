@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 from latent_dmmd import DMMDDiscriminator, DMMDPipeline, DMMDScheduler
 from latent_dmmd.pipelines import pipeline_dmmd
 
-from .conftest import tiny_data, tiny_discriminator, tiny_pipeline
+from .conftest import tiny_autoencoder, tiny_data, tiny_discriminator, tiny_pipeline
 
 
 def sample(pipe, seed=0, **kwargs):
@@ -150,11 +150,7 @@ def test_from_pretrained_hub_id_uses_a_snapshot_download(pipe, tmp_path, monkeyp
 
 
 def test_latent_space_pipeline_decodes_with_the_vae():
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
-    )  # fmt: skip
+    vae = tiny_autoencoder()
     pipe = tiny_pipeline(in_channels=4, vae=vae)
     latent = sample(pipe, num_images=2, output_type="latent")
     assert latent.shape == (2, 4, 8, 8)
@@ -167,11 +163,7 @@ def test_latent_space_pipeline_decodes_with_the_vae():
 def test_a_latent_model_without_its_autoencoder_says_how_to_attach_it(tmp_path):
     from latent_dmmd.models.discriminator import vae_contract
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
-    )  # fmt: skip
+    vae = tiny_autoencoder()
     full = tiny_pipeline(in_channels=4, vae=vae)
     full.discriminator.register_to_config(reference_vae=vae_contract(vae))
     DMMDPipeline(full.discriminator, full.scheduler).save_pretrained(tmp_path)  # shipped without the VAE

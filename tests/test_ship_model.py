@@ -6,12 +6,11 @@ import os
 
 import torch
 import yaml
-from diffusers import AutoencoderKL
 
 from latent_dmmd import DMMDPipeline
 from latent_dmmd.models.discriminator import vae_contract
 
-from .conftest import tiny_pipeline
+from .conftest import tiny_autoencoder, tiny_pipeline
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "ship_model.py")
 
@@ -24,11 +23,7 @@ def load_script():
 
 
 def test_ship_without_vae_keeps_the_contract_and_takes_numbers_from_the_benchmark(tmp_path):
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
-    )  # fmt: skip
+    vae = tiny_autoencoder()
     full = tiny_pipeline(in_channels=4, vae=vae)
     full.discriminator.register_to_config(reference_vae=vae_contract(vae))
     run = tmp_path / "run"
