@@ -16,6 +16,8 @@ import torch
 
 FeatureFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 L2Mode = Literal["feature", "witness"]
+# how the clean and noisy sides of a training group are paired (method §2 "Paired samples")
+Pairing = Literal["paired", "permuted", "independent"]
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -38,6 +40,27 @@ def mmd2_unbiased(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     self_a = (sum_a.square().sum(-1) - a.square().sum((-2, -1))) / (n * (n - 1))
     self_b = (sum_b.square().sum(-1) - b.square().sum((-2, -1))) / (m * (m - 1))
     cross = (sum_a * sum_b).sum(-1) / (n * m)
+    return self_a + self_b - 2 * cross
+
+
+def mmd2_unbiased_paired(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Unbiased linear-kernel MMD² of *paired* features, ``b_i`` computed from ``a_i``'s own sample, §2.
+
+    The U-statistic over pairs ``i != j`` of ``k(a_i,a_j) + k(b_i,b_j) - k(a_i,b_j) - k(a_j,b_i)``:
+    the cross term leaves out the correlated ``(i, i)`` pairs just as the self terms leave out
+    the diagonal, so the estimate stays unbiased however strongly ``b_i`` depends on ``a_i``
+    (``mmd2_unbiased`` on such data is biased by ``-(2/n) tr Cov(a, b)``). O(n·D); leading
+    dimensions are batch dimensions.
+    """
+    n = a.shape[-2]
+    if b.shape[-2] != n:
+        raise ValueError(f"paired features need the same number of samples per side, got {n} and {b.shape[-2]}")
+    if n < 2:
+        raise ValueError(f"the unbiased MMD needs at least 2 pairs, got {n}")
+    sum_a, sum_b = a.sum(-2), b.sum(-2)
+    self_a = (sum_a.square().sum(-1) - a.square().sum((-2, -1))) / (n * (n - 1))
+    self_b = (sum_b.square().sum(-1) - b.square().sum((-2, -1))) / (n * (n - 1))
+    cross = ((sum_a * sum_b).sum(-1) - (a * b).sum((-2, -1))) / (n * (n - 1))
     return self_a + self_b - 2 * cross
 
 
@@ -117,6 +140,7 @@ class DMMDLossOutput:
     gradient_penalty: torch.Tensor
     mmd2_per_group: torch.Tensor
     feature_norm: torch.Tensor
+    level_per_group: torch.Tensor | None = None
 
 
 def dmmd_loss(
@@ -133,6 +157,9 @@ def dmmd_loss(
     generator: torch.Generator | None = None,
     interpolation: torch.Tensor | None = None,
     phi_penalty: FeatureFn | None = None,
+    pairing: Pairing = "paired",
+    xt_unpaired: torch.Tensor | None = None,
+    group_weights: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> DMMDLossOutput:
     """DMMD discriminator loss of §3, minimised: ``-MMD²_u + λ_l2 R_l2 + λ_gp R_gp``.
 
@@ -142,6 +169,15 @@ def dmmd_loss(
     ``x_hat = u x0 + (1 - u) xt`` (``u`` given as ``interpolation`` (B,) or drawn from
     ``generator``) through ``phi_penalty`` (default ``phi``; under DDP, the unwrapped module, whose
     gradients reach the same parameters in the same backward) and needs a double backward.
+
+    ``pairing`` (§2 "Paired samples"): ``"paired"`` scores ``x0_i`` against its own noisy copy
+    ``xt_i`` with the paired U-statistic (diagonal left out of the cross term); ``"permuted"``
+    scores ``x0`` against ``xt_unpaired``, noisy copies of *other* clean samples (independent of
+    ``x0``), with the two-sample estimator, and keeps the pairs ``(x0_i, xt_i)`` for the penalty's
+    interpolates; ``"independent"`` is the two-sample estimator on the paired copies, biased by
+    ``-(2/n) tr Cov`` (kept only to reproduce the old loss in ablations).
+    ``group_weights`` (num_groups,), or a function of the detached per-group MMD² returning them,
+    scales each group's MMD term (§3 "Balance across noise levels"); the penalties keep their weights.
     """
     batch = x0.shape[0]
     if batch % num_groups:
@@ -150,9 +186,20 @@ def dmmd_loss(
     if size < 2:
         raise ValueError(f"each of the {num_groups} groups needs at least 2 samples, got {size}")
 
-    features = phi(torch.cat([x0, xt]), torch.cat([t, t]))
+    if pairing == "permuted":
+        if xt_unpaired is None or xt_unpaired.shape != xt.shape:
+            raise ValueError("pairing='permuted' needs xt_unpaired: noisy copies of other clean samples, shaped like xt")
+        scored = xt_unpaired
+    elif pairing in ("paired", "independent"):
+        scored = xt
+    else:
+        raise ValueError(f"unknown pairing {pairing!r}; expected 'paired', 'permuted' or 'independent'")
+    features = phi(torch.cat([x0, scored]), torch.cat([t, t]))
     a, b = features[:batch].view(num_groups, size, -1), features[batch : 2 * batch].view(num_groups, size, -1)
-    mmd2 = mmd2_unbiased(a, b)
+    mmd2 = mmd2_unbiased_paired(a, b) if pairing == "paired" else mmd2_unbiased(a, b)
+    if callable(group_weights):
+        group_weights = group_weights(mmd2.detach())
+    weights = None if group_weights is None else group_weights.to(mmd2.device, mmd2.dtype).detach()
     # witness direction per group: m_noisy - m_clean (the MMD-flow sign convention)
     g = b.mean(1) - a.mean(1)
 
@@ -179,7 +226,8 @@ def dmmd_loss(
     else:
         gp = features.new_zeros(())
 
-    loss = -mmd2.mean() + lambda_l2 * l2 + lambda_gp * gp
+    mmd_term = mmd2.mean() if weights is None else (weights * mmd2).mean()
+    loss = -mmd_term + lambda_l2 * l2 + lambda_gp * gp
     return DMMDLossOutput(
         loss=loss,
         mmd2=mmd2.mean().detach(),
@@ -187,4 +235,5 @@ def dmmd_loss(
         gradient_penalty=gp.detach(),
         mmd2_per_group=mmd2.detach(),
         feature_norm=features.detach().norm(dim=1).mean(),
+        level_per_group=t.view(num_groups, size)[:, 0].detach(),
     )

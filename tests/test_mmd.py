@@ -12,6 +12,7 @@ from latent_dmmd.mmd import (
     gaussian_mmd2_closed_form,
     gaussian_mmd2_unbiased,
     mmd2_unbiased,
+    mmd2_unbiased_paired,
     witness_gradient,
 )
 
@@ -23,6 +24,17 @@ def gram_mmd2_unbiased(a, b):
     n, m = len(a), len(b)
     kaa, kbb, kab = a @ a.T, b @ b.T, a @ b.T
     return (kaa.sum() - kaa.trace()) / (n * (n - 1)) + (kbb.sum() - kbb.trace()) / (m * (m - 1)) - 2 * kab.mean()
+
+
+def brute_force_paired_u(a, b, kernel=lambda x, y: (x * y).sum()):
+    """The paired U-statistic by its definition: mean over i != j of
+    k(a_i, a_j) + k(b_i, b_j) - k(a_i, b_j) - k(a_j, b_i)."""
+    n, total = len(a), 0.0
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                total += kernel(a[i], a[j]) + kernel(b[i], b[j]) - kernel(a[i], b[j]) - kernel(a[j], b[i])
+    return total / (n * (n - 1))
 
 
 def test_linear_mmd_matches_gram_matrix_estimator():
@@ -111,16 +123,19 @@ def _toy_phi():
     return net, (lambda x, t: net(torch.cat([x, t.float()[:, None] / 1000], 1)))
 
 
-def test_dmmd_loss_terms_match_a_direct_computation():
+@pytest.mark.parametrize("pairing", ["paired", "independent"])
+def test_dmmd_loss_terms_match_a_direct_computation(pairing):
     net, phi = _toy_phi()
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(8, 2, generator=g), torch.randn(8, 2, generator=g)
     t = torch.tensor([100] * 4 + [700] * 4)
     xt = 0.5 * x0 + 0.8 * eps
-    out = dmmd_loss(phi, x0, xt, t, 2, lambda_l2=0.1, lambda_gp=0.5, generator=torch.Generator().manual_seed(9))
+    out = dmmd_loss(phi, x0, xt, t, 2, lambda_l2=0.1, lambda_gp=0.5, generator=torch.Generator().manual_seed(9),
+                    pairing=pairing)  # fmt: skip
 
     a, b = phi(x0, t), phi(xt, t)
-    mmd = torch.stack([gram_mmd2_unbiased(a[s], b[s]) for s in (slice(0, 4), slice(4, 8))])
+    estimator = brute_force_paired_u if pairing == "paired" else gram_mmd2_unbiased
+    mmd = torch.stack([estimator(a[s], b[s]) for s in (slice(0, 4), slice(4, 8))])
     l2 = a.square().sum(1).mean() + b.square().sum(1).mean()
     u = torch.rand((8, 1), generator=torch.Generator().manual_seed(9))
     x_hat = (u * x0 + (1 - u) * xt).requires_grad_(True)
@@ -132,6 +147,81 @@ def test_dmmd_loss_terms_match_a_direct_computation():
     assert torch.allclose(out.l2, l2.detach(), atol=1e-6)
     assert torch.allclose(out.gradient_penalty, gp.detach(), atol=1e-6)
     assert torch.allclose(out.loss, -mmd.mean() + 0.1 * l2 + 0.5 * gp, atol=1e-6)
+    assert out.level_per_group.tolist() == [100, 700]
+
+
+def test_paired_estimator_equals_the_brute_force_u_statistic_on_noised_copies():
+    """On the data training really sees (a noise-conditional network's features of clean samples
+    and of their own forward-noised copies), grouped, in float64."""
+    from latent_dmmd import DMMDScheduler
+
+    disc = tiny_discriminator(in_channels=3, sample_size=8).double()
+    sched = DMMDScheduler()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(12, 3, 8, 8, generator=g, dtype=torch.float64)
+    eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([20] * 6 + [500] * 6)
+    with torch.no_grad():
+        a, b = disc(x0, t).view(2, 6, -1), disc(sched.add_noise(x0, eps, t), t).view(2, 6, -1)
+    fast = mmd2_unbiased_paired(a, b)
+    brute = torch.stack([brute_force_paired_u(a[k], b[k]) for k in range(2)])
+    assert torch.allclose(fast, brute, rtol=1e-10, atol=1e-12)
+    # the two-sample estimator keeps the correlated (i, i) pairs: it is not the same number
+    assert not torch.allclose(mmd2_unbiased(a, b), brute, rtol=1e-3)
+
+
+@pytest.mark.parametrize("mean_shift", [0.0, 1.0])
+def test_paired_estimator_is_unbiased_where_the_two_sample_one_is_off_by_minus_eight(mean_shift):
+    """phi(x) = x, d = 64, n = 16, x_t = alpha x0 + sigma eps with alpha = 0.999 (t = 20-ish):
+    the truth is |m_P - m_Pt|^2 = (1 - alpha)^2 |mu|^2 (0 or 6.4e-5); the two-sample estimator's
+    expectation is the truth - (2/n) tr Cov(x0, xt) = truth - 2 * 64 * alpha / 16 = -7.99."""
+    g = torch.Generator().manual_seed(1)
+    reps, n, d, alpha = 4000, 16, 64, 0.999
+    sigma = math.sqrt(1 - alpha**2)
+    x0 = torch.randn(reps, n, d, generator=g, dtype=torch.float64) + mean_shift
+    xt = alpha * x0 + sigma * torch.randn(reps, n, d, generator=g, dtype=torch.float64)
+    truth = (1 - alpha) ** 2 * d * mean_shift**2
+    paired, old = mmd2_unbiased_paired(x0, xt), mmd2_unbiased(x0, xt)
+    se_paired, se_old = paired.std() / math.sqrt(reps), old.std() / math.sqrt(reps)
+    assert abs(paired.mean() - truth) < 4 * se_paired, (paired.mean(), truth, se_paired)
+    assert abs(old.mean() - (truth - 2 * d * alpha / n)) < 4 * se_old, old.mean()
+    assert old.mean() < -7.5
+
+
+def test_permuted_pairing_scores_independent_sets_and_keeps_pairs_for_the_penalty():
+    """pairing='permuted' with xt_unpaired = noisy copies of the next group's samples: the two-sample
+    estimator on independent sets, unbiased (phi = x, truth 0); the penalty still uses the pairs."""
+    phi = lambda x, t: x.flatten(1)  # noqa: E731
+    g = torch.Generator().manual_seed(2)
+    reps, groups, n, d, alpha = 1500, 2, 16, 32, 0.999
+    sigma = math.sqrt(1 - alpha**2)
+    estimates = []
+    for _ in range(reps):
+        x0 = torch.randn(groups * n, d, generator=g, dtype=torch.float64)
+        eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+        xt, other = alpha * x0 + sigma * eps, alpha * x0.roll(-n, 0) + sigma * eps
+        out = dmmd_loss(phi, x0, xt, torch.zeros(groups * n, dtype=torch.long), groups, lambda_gp=0.0,
+                        pairing="permuted", xt_unpaired=other)  # fmt: skip
+        estimates.append(out.mmd2_per_group)
+    est = torch.cat(estimates)
+    assert abs(est.mean()) < 4 * est.std() / math.sqrt(len(est))
+    with pytest.raises(ValueError, match="xt_unpaired"):
+        dmmd_loss(phi, x0, xt, torch.zeros(groups * n, dtype=torch.long), groups, lambda_gp=0.0, pairing="permuted")
+    with pytest.raises(ValueError, match="unknown pairing"):
+        dmmd_loss(phi, x0, xt, torch.zeros(groups * n, dtype=torch.long), groups, lambda_gp=0.0, pairing="shuffled")
+
+
+def test_group_weights_scale_only_the_mmd_term():
+    net, phi = _toy_phi()
+    g = torch.Generator().manual_seed(3)
+    x0, xt = torch.randn(8, 2, generator=g), torch.randn(8, 2, generator=g)
+    t = torch.tensor([100] * 4 + [700] * 4)
+    kw = dict(lambda_l2=0.1, lambda_gp=0.5, interpolation=torch.full((8,), 0.3))
+    plain = dmmd_loss(phi, x0, xt, t, 2, **kw)
+    weighted = dmmd_loss(phi, x0, xt, t, 2, group_weights=lambda m: torch.tensor([2.0, 0.5]), **kw)
+    expected = -(torch.tensor([2.0, 0.5]) * plain.mmd2_per_group).mean() + 0.1 * plain.l2 + 0.5 * plain.gradient_penalty
+    assert torch.allclose(weighted.loss, expected, atol=1e-6)
+    assert torch.equal(weighted.mmd2_per_group, plain.mmd2_per_group)
 
 
 def test_witness_l2_reading_is_mean_squared_witness():
