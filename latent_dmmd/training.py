@@ -97,6 +97,15 @@ class TrainConfig:
     lambda_gp: float = _f(1.0, "weight of the gradient penalty")
     l2_mode: str = _f("feature", "l2 reading: feature (mean squared feature norm) or witness")
     gp_target: float = _f(1.0, "target norm of the witness gradient in the penalty")
+    pairing: str = _f("paired", "how a group's clean samples meet noisy ones (method 2): paired (each with its own noisy "
+                                "copy, diagonal left out of the cross term), permuted (noisy copies of the next group's "
+                                "samples; pairs kept for the penalty), independent (the old biased estimator, ablations only)")
+    level_weighting: str = _f("none", "weight of each group's MMD term by noise level (method 3): none, normalized "
+                                      "(divided by its level bucket's running MMD^2) or sigma (sigma_t^-power)")
+    level_weight_power: float = _f(1.0, "power of 1/sigma_t for --level_weighting sigma")
+    level_buckets: int = _f(10, "level buckets (equal slices of [0, 1000)) for --level_weighting normalized and the logs")
+    level_weight_decay: float = _f(0.99, "EMA decay of the per-bucket running MMD^2 (--level_weighting normalized)")
+    level_weight_floor: float = _f(1e-4, "smallest running MMD^2 a weight divides by (--level_weighting normalized)")
     # optimisation
     train_batch_size: int = _f(64, "samples per process per micro-batch (a multiple of --group_size)")
     max_train_steps: int = _f(1000, "optimizer steps")
@@ -113,7 +122,11 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
     mixed_precision: str = _f("no", "no or bf16 (CPU and GPU); fp16 needs CUDA")
     use_ema: bool = _f(True, "keep an EMA of the weights (used for sampling and statistics)")
-    ema_decay: float = _f(0.999, "EMA decay")
+    ema_decay: float = _f(0.999, "EMA decay (the largest decay, with --ema_warmup)")
+    ema_warmup: bool = _f(True, "EMA warm-up: decay 1 - (1 + step / ema_inv_gamma)^-ema_power, capped at --ema_decay, "
+                                "so that short runs are not anchored to the initial weights")
+    ema_inv_gamma: float = _f(1.0, "inverse gamma of the EMA warm-up")
+    ema_power: float = _f(2 / 3, "power of the EMA warm-up")
     max_bad_steps: int = _f(10, "stop after this many consecutive steps with NaN/inf loss or gradients")
     # checkpoints and logs
     checkpointing_steps: int = _f(500, "save training state every N steps")
@@ -124,6 +137,12 @@ class TrainConfig:
     log_every: int = _f(10, "log metrics every N steps")
     validation_steps: int | None = _f(None, "write a sample grid every N steps (none: only at the end)")
     num_validation_images: int = _f(16, "images in a validation grid")
+    # held-out level diagnostics
+    eval_data_dir: str | None = _f(None, "held-out images (folder or IDX file) for the per-level MMD^2 log "
+                                         "(none: the last --eval_max_samples training samples, labelled as such)")
+    eval_first_index: int = _f(0, "first held-out image of --eval_data_dir")
+    eval_max_samples: int = _f(256, "held-out samples behind the per-level MMD^2 log")
+    eval_mmd_steps: int | None = _f(None, "log held-out MMD^2 per sampling level every N steps (default: --checkpointing_steps)")
     # reference statistics
     reference_max_samples: int | None = _f(None, "data samples behind m_P and m_Pt (default: the whole training set)")
     reference_batch_size: int = _f(64, "batch size for the reference statistics")
@@ -183,6 +202,15 @@ class TrainConfig:
             raise ValueError("--random_flip in latent space needs --flip_variants (flipped latents are cached)")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id")
+        if self.pairing not in ("paired", "permuted", "independent"):
+            raise ValueError(f"--pairing must be paired, permuted or independent, got {self.pairing!r}")
+        if self.pairing == "permuted" and self.train_batch_size // self.group_size < 2:
+            raise ValueError("--pairing permuted pairs each group with the next one's samples: it needs "
+                             "--train_batch_size >= 2 x --group_size")  # fmt: skip
+        from .balance import MODES
+
+        if self.level_weighting not in MODES:
+            raise ValueError(f"--level_weighting must be one of {', '.join(MODES)}, got {self.level_weighting!r}")
         for name in ("max_train_steps", "gradient_accumulation_steps", "checkpointing_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1")
@@ -256,17 +284,20 @@ def resolved_yaml(config: TrainConfig) -> str:
 
 
 def training_batch(
-    batch: dict, config: TrainConfig, step: int, micro: int, device, vae=None
+    batch: dict, config: TrainConfig, step: int, micro: int, device, vae=None, flip_all: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clean samples ``x0`` and dataset indices of one micro-batch: pixels, latents drawn from the
     cached posterior, or (``vae`` given, ``--cache_latents false``) latents encoded right now.
 
     Random flips are keyed like every other draw: pixels are flipped here, cached latents
-    pick their cached flipped variant.
+    pick their cached flipped variant. ``flip_all`` True/False flips every sample / none
+    (the reference statistics average both variants: the training distribution).
     """
     index = batch["index"]
     flip = None
-    if config.random_flip and step >= 0:
+    if flip_all is not None:
+        flip = torch.full((len(index), 1, 1, 1), bool(flip_all)) if flip_all else None
+    elif config.random_flip and step >= 0:
         flip = (keyed_rand([(config.seed, "flip", step, micro, int(i)) for i in index]) < 0.5).view(-1, 1, 1, 1)
     if "pixel_values" in batch:
         pixels = batch["pixel_values"]
@@ -290,12 +321,15 @@ def training_batch(
 
 
 def dmmd_step_loss(
-    model, scheduler, x0: torch.Tensor, index: torch.Tensor, config: TrainConfig, step: int, micro: int, penalty_model=None
-):
+    model, scheduler, x0: torch.Tensor, index: torch.Tensor, config: TrainConfig, step: int, micro: int,
+    penalty_model=None, level_weighting=None, reduce=None,
+):  # fmt: skip
     """The DMMD loss of one micro-batch with randomness keyed by (seed, step, sample index).
 
     Samples are grouped in consecutive runs of ``group_size``; a trailing partial group (only
     possible after skipped images) is dropped. Returns ``None`` when no full group is left.
+    ``level_weighting`` (a ``LevelWeighting``) weights each group's MMD term; ``reduce`` sums its
+    running statistics over processes.
     """
     size = config.group_size
     groups = x0.shape[0] // size
@@ -320,9 +354,15 @@ def dmmd_step_loss(
             kale_lambda=unwrapped.config.kale_lambda, lambda_gp=config.lambda_gp, gp_target=config.gp_target,
             interpolation=u, critic_penalty=lambda x, tt: unwrapped.critic(x, tt),
         )  # fmt: skip
+    # permuted: group g meets noisy copies (at its own level) of group g+1's samples, independent of its own
+    xt_unpaired = scheduler.add_noise(x0.roll(-size, 0), eps, t) if config.pairing == "permuted" else None
+    weights = None
+    if level_weighting is not None and level_weighting.mode != "none":
+        weights = lambda mmd2: level_weighting(t_group, mmd2, reduce)  # noqa: E731
     return dmmd_loss(
         model, x0, xt, t, groups, lambda_l2=config.lambda_l2, lambda_gp=config.lambda_gp,
         l2_mode=config.l2_mode, gp_target=config.gp_target, interpolation=u, phi_penalty=penalty_model,
+        pairing=config.pairing, xt_unpaired=xt_unpaired, group_weights=weights,
     )  # fmt: skip
 
 
@@ -388,6 +428,18 @@ def resolve_resume(config: TrainConfig) -> tuple[int, str | None]:
 # ---------------------------------------------------------------------------- statistics
 
 
+def reference_batches(batch: dict, config: TrainConfig, device, vae=None):
+    """``(x0, keys)`` for the reference statistics from one data batch: the samples as they are and,
+    with ``--random_flip``, flipped as well, so the means are over the training distribution (each
+    sample and its mirror image, equally likely) rather than over unflipped data only."""
+    if not len(batch.get("index", [])):
+        return
+    variants = (False, True) if config.random_flip else (False,)
+    for flipped in variants:
+        x0, index = training_batch(batch, config, -1, 0, device, vae, flip_all=flipped)
+        yield x0, [(config.seed, "reference", int(i)) + (("flip",) if flipped else ()) for i in index]
+
+
 @torch.no_grad()
 def distributed_reference_statistics(accelerator, model, dataset, scheduler, config: TrainConfig, collate, vae=None):
     """``m_P``/``m_Pt`` over the training data, each process on its own slice, reduced by sum.
@@ -405,10 +457,7 @@ def distributed_reference_statistics(accelerator, model, dataset, scheduler, con
 
     def batches():
         for batch in loader:
-            if not len(batch.get("index", [])):
-                continue
-            x0, index = training_batch(batch, config, -1, 0, accelerator.device, vae)
-            yield x0, [(config.seed, "reference", int(i)) for i in index]
+            yield from reference_batches(batch, config, accelerator.device, vae)
 
     return compute_reference_statistics(
         model, batches(), scheduler.timesteps, scheduler.alphas_cumprod,
@@ -569,11 +618,27 @@ def main(argv: list[str] | None = None) -> str | None:
         num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=config.max_train_steps * accelerator.num_processes,
     )  # fmt: skip
-    ema = EMAModel(model.parameters(), decay=config.ema_decay) if config.use_ema else None
+    ema = None
+    if config.use_ema:
+        ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=config.ema_warmup,
+                       inv_gamma=config.ema_inv_gamma, power=config.ema_power)  # fmt: skip
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
+    balance = None
+    if config.method == "dmmd" and config.objective == "mmd":
+        from .balance import LevelWeighting
+
+        balance = LevelWeighting(config.level_weighting, scheduler.alphas_cumprod, num_buckets=config.level_buckets,
+                                 decay=config.level_weight_decay, power=config.level_weight_power,
+                                 floor=config.level_weight_floor)  # fmt: skip
+        accelerator.register_for_checkpointing(balance)  # its running means are training state
+    heldout = None
+    if config.method == "dmmd" and config.objective == "mmd" and config.eval_max_samples > 0:
+        heldout = heldout_samples(config, dataset, accelerator, train_vae)
+    eval_every = config.eval_mmd_steps or config.checkpointing_steps
+    reduce_sum = (lambda x: accelerator.reduce(x.to(accelerator.device), "sum").cpu()) if accelerator.num_processes > 1 else None
 
     global_step, resume_path = resolve_resume(config)
     if resume_path:
@@ -603,7 +668,8 @@ def main(argv: list[str] | None = None) -> str | None:
                     out = ddpm_step_loss(model, scheduler, x0, index, config.seed, global_step, micro)
                 else:
                     out = dmmd_step_loss(model, scheduler, x0, index, config, global_step, micro,
-                                         penalty_model=accelerator.unwrap_model(model))  # fmt: skip
+                                         penalty_model=accelerator.unwrap_model(model), level_weighting=balance,
+                                         reduce=reduce_sum)  # fmt: skip
                 # every process must agree to skip, or DDP would wait for a backward that never comes
                 finite = torch.tensor([0.0 if out is None or not torch.isfinite(out.loss) else 1.0], device=accelerator.device)
                 if accelerator.reduce(finite, "sum").item() == accelerator.num_processes:
@@ -643,7 +709,7 @@ def main(argv: list[str] | None = None) -> str | None:
                                 critic_noisy=out.critic_noisy.item(), gradient_penalty=out.gradient_penalty.item())  # fmt: skip
                 elif config.method == "dmmd":
                     logs.update(mmd2=out.mmd2.item(), l2=out.l2.item(), gradient_penalty=out.gradient_penalty.item(),
-                                feature_norm=out.feature_norm.item())  # fmt: skip
+                                feature_norm=out.feature_norm.item(), **balance.summary())  # fmt: skip
                 bar.set_postfix(loss=f"{logs['loss']:.4g}")
                 accelerator.log(logs, step=global_step)
             if config.max_train_minutes is not None:  # every process must stop at the same step
@@ -651,6 +717,8 @@ def main(argv: list[str] | None = None) -> str | None:
                 out_of_time = accelerator.reduce(late, "sum").item() > 0
             if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps or out_of_time:
                 save_checkpoint(accelerator, config.output_dir, global_step, config.checkpoints_total_limit)
+            if heldout is not None and (global_step % eval_every == 0 or global_step == config.max_train_steps or out_of_time):
+                log_level_mmd(accelerator, model, ema, scheduler, heldout, config, global_step)
             if config.validation_steps and global_step % config.validation_steps == 0 and config.method == "dmmd":
                 validate(accelerator, model, ema, scheduler, dataset, config, global_step, train_vae)
             if global_step >= config.max_train_steps or out_of_time:
@@ -724,9 +792,79 @@ def _validation_statistics(disc, dataset, scheduler, config, accelerator, train_
 
     subset = torch.utils.data.Subset(dataset, range(min(len(dataset), 256)))
     loader = torch.utils.data.DataLoader(subset, batch_size=config.reference_batch_size, collate_fn=collate_skipping)
-    batches = (training_batch(b, config, -1, 0, accelerator.device, train_vae)[0] for b in loader if len(b.get("index", [])))
-    return compute_reference_statistics(disc, batches, scheduler.timesteps, scheduler.alphas_cumprod,
-                                        generator=torch.Generator().manual_seed(config.seed))  # fmt: skip
+    batches = (item for b in loader for item in reference_batches(b, config, accelerator.device, train_vae))
+    return compute_reference_statistics(disc, batches, scheduler.timesteps, scheduler.alphas_cumprod)
+
+
+def heldout_samples(config: TrainConfig, dataset, accelerator, train_vae=None) -> dict:
+    """Clean held-out particles for the per-level MMD² log: ``--eval_data_dir`` (encoded with the
+    run's VAE in latent space) or, without it, the last ``--eval_max_samples`` training samples."""
+    from .data import build_image_dataset, collate_skipping
+
+    count = config.eval_max_samples
+    if config.eval_data_dir is None:
+        subset = torch.utils.data.Subset(dataset, range(max(0, len(dataset) - count), len(dataset)))
+        loader = torch.utils.data.DataLoader(subset, batch_size=64, collate_fn=collate_skipping)
+        x0 = torch.cat([training_batch(b, config, -1, 0, "cpu", train_vae, flip_all=False)[0] for b in loader])
+        return {"x0": x0, "source": f"last {len(x0)} training samples (not held out)", "heldout": False}
+    images = build_image_dataset(
+        train_data_dir=config.eval_data_dir, resolution=config.resolution, center_crop=config.center_crop,
+        channels=3 if config.latent else config.channels, first_index=config.eval_first_index, max_train_samples=count,
+    )  # fmt: skip
+    loader = torch.utils.data.DataLoader(images, batch_size=config.encode_batch_size, collate_fn=collate_skipping)
+    vae = train_vae
+    if config.latent and vae is None:
+        from .autoencoders import load_autoencoder
+
+        vae = load_autoencoder(config.pretrained_vae, config.vae_subfolder, config.vae_revision).to(accelerator.device)
+    chunks = []
+    with torch.no_grad():
+        for batch in loader:
+            if "pixel_values" not in batch:
+                continue
+            pixels = batch["pixel_values"].to(accelerator.device)
+            if config.latent:
+                from .autoencoders import encode_images
+
+                pixels = encode_images(vae, pixels).mean
+            chunks.append(pixels.float().cpu())
+    if not chunks:
+        raise ValueError(f"--eval_data_dir {config.eval_data_dir}: no readable images")
+    x0 = torch.cat(chunks)
+    return {"x0": x0, "source": f"{config.eval_data_dir}[{config.eval_first_index}:+{len(x0)}]", "heldout": True}
+
+
+@torch.no_grad()
+def level_mmd(phi, x0: torch.Tensor, timesteps, scheduler, seed: int = 0, batch_size: int = 64) -> list[dict]:
+    """Unbiased paired MMD²_t between clean ``x0`` and their forward-noised copies at every level of
+    ``timesteps`` (noise keyed by sample and level), with the mean feature norm of each side."""
+    from .mmd import mmd2_unbiased_paired
+
+    rows = []
+    for t in [int(t) for t in timesteps]:
+        a, b = [], []
+        for first, chunk in zip(range(0, len(x0), batch_size), x0.split(batch_size)):
+            device = next(iter(phi.parameters())).device if isinstance(phi, torch.nn.Module) else chunk.device
+            chunk = chunk.to(device)
+            tt = torch.full((len(chunk),), t, dtype=torch.long, device=device)
+            eps = keyed_randn([(seed, "eval", first + i, t) for i in range(len(chunk))], chunk.shape[1:], device=device)
+            a.append(phi(chunk, tt).double().cpu())
+            b.append(phi(scheduler.add_noise(chunk, eps, tt), tt).double().cpu())
+        a, b = torch.cat(a), torch.cat(b)
+        rows.append({"t": t, "mmd2": float(mmd2_unbiased_paired(a, b)), "feature_norm_clean": float(a.norm(dim=1).mean()),
+                     "feature_norm_noisy": float(b.norm(dim=1).mean())})  # fmt: skip
+    return rows
+
+
+def log_level_mmd(accelerator, model, ema, scheduler, heldout: dict, config: TrainConfig, step: int) -> None:
+    """Held-out MMD²_t per sampling level with the EMA weights: tensorboard and ``level_mmd.jsonl``."""
+    if not accelerator.is_main_process:
+        return
+    disc = _ema_model(accelerator, model, ema)
+    rows = level_mmd(disc, heldout["x0"], scheduler.grid(scheduler.config.num_inference_steps), scheduler, config.seed)
+    accelerator.log({f"heldout_mmd2/t{r['t']:03d}": r["mmd2"] for r in rows}, step=step)
+    with open(os.path.join(config.output_dir, "level_mmd.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, "source": heldout["source"], "heldout": heldout["heldout"], "levels": rows}) + "\n")
 
 
 def export_baseline(accelerator, model, ema, scheduler, config: TrainConfig, run_info: dict) -> str:

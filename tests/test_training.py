@@ -1,6 +1,7 @@
 """The training script: config handling, smoke runs in pixel and latent space, resume, stale cache."""
 
 import json
+import math
 import os
 
 import pytest
@@ -100,22 +101,24 @@ def test_stale_latent_cache_is_refused(tmp_path):
         run(tmp_path, "--pretrained_vae", other, "--resolution", "16", steps=2)
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("options", [(), ("--level_weighting", "normalized", "--pairing", "permuted")])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, options):
+    """Also with level balance, whose running per-bucket MMD² are training state in the checkpoint."""
     straight = tmp_path / "a"
     straight.mkdir()
-    run(straight, steps=6, data=None)
+    run(straight, *options, steps=6, data=None)
     final = load_file(straight / "out" / "checkpoint-6" / "model.safetensors")
 
     resumed = tmp_path / "b"
     resumed.mkdir()
-    run(resumed, steps=6, data=str(straight / "imgs"))
+    run(resumed, *options, steps=6, data=str(straight / "imgs"))
     # pretend the run died after step 4: drop everything later, then resume from the newest checkpoint
     import shutil
 
     shutil.rmtree(resumed / "out" / "checkpoint-6")
     shutil.rmtree(resumed / "out" / "pipeline")
     assert [s for s, _ in list_checkpoints(resumed / "out")] == [2, 4]
-    run(resumed, "--resume_from_checkpoint", "latest", steps=6, data=str(straight / "imgs"))
+    run(resumed, *options, "--resume_from_checkpoint", "latest", steps=6, data=str(straight / "imgs"))
     again = load_file(resumed / "out" / "checkpoint-6" / "model.safetensors")
     assert final.keys() == again.keys()
     for key in final:
@@ -199,3 +202,61 @@ def test_ddpm_baseline_trains_the_same_backbone_and_samples_with_ddpm_and_ddim(t
                               generator=torch.Generator().manual_seed(0))  # fmt: skip
     free = sample_baseline(unet, baseline_scheduler(ours, "ddim"), 2, 5, generator=torch.Generator().manual_seed(0))
     assert clipped.abs().max() <= 0.5 + 1e-6 < free.abs().max()
+
+
+def test_level_balance_changes_training_and_the_log_reports_heldout_mmd_per_level(tmp_path):
+    """normalized weighting trains other weights than none from the same draws; the held-out
+    paired MMD²_t of every sampling level is logged as JSON lines at the requested steps."""
+    heldout = str(tmp_path / "heldout")
+    write_image_folder(heldout, n=6, size=12, seed=3)
+    plain = run(tmp_path / "a", steps=2)
+    balanced = run(tmp_path / "b", "--level_weighting", "normalized", "--eval_data_dir", heldout,
+                   "--eval_mmd_steps", "1", data=str(tmp_path / "a" / "imgs"), steps=2)  # fmt: skip
+    w_plain = load_file(os.path.join(plain, "..", "checkpoint-2", "model.safetensors"))
+    w_bal = load_file(os.path.join(balanced, "..", "checkpoint-2", "model.safetensors"))
+    assert any(not torch.equal(w_plain[k], w_bal[k]) for k in w_plain)
+    lines = [json.loads(x) for x in open(tmp_path / "b" / "out" / "level_mmd.jsonl")]
+    assert [x["step"] for x in lines] == [1, 2] and lines[0]["heldout"] is True
+    assert [r["t"] for r in lines[0]["levels"]] == DMMDPipeline.from_pretrained(balanced).scheduler.timesteps.tolist()
+    assert all(math.isfinite(r["mmd2"]) and r["feature_norm_clean"] > 0 for r in lines[-1]["levels"])
+    # without --eval_data_dir the log says that its samples are training samples
+    run(tmp_path / "c", "--eval_mmd_steps", "2", data=str(tmp_path / "a" / "imgs"), steps=2)
+    line = json.loads(open(tmp_path / "c" / "out" / "level_mmd.jsonl").readline())
+    assert line["heldout"] is False and "training samples" in line["source"]
+
+
+def test_reference_statistics_average_each_sample_and_its_mirror_image(tmp_path):
+    """With --random_flip the training distribution holds every image and its mirror image equally:
+    m_P must be the mean over both, not over the unflipped images only."""
+    from latent_dmmd.data import collate_skipping
+    from latent_dmmd.training import _image_dataset, reference_batches
+
+    data = str(tmp_path / "imgs")
+    write_image_folder(data, n=8, size=12, seed=1)
+    config = load_config(["--train_data_dir", data, "--resolution", "8", "--random_flip", "true"])
+    dataset = _image_dataset(config)
+    batch = collate_skipping([dataset[i] for i in range(len(dataset))])
+    items = list(reference_batches(batch, config, "cpu"))
+    assert len(items) == 2
+    (x, keys), (x_flip, keys_flip) = items
+    assert torch.equal(x_flip, x.flip(-1)) and keys != keys_flip
+    config.random_flip = False
+    assert len(list(reference_batches(batch, config, "cpu"))) == 1
+    # a flip-symmetric feature map sees the same mean either way; a left-right-asymmetric one does not
+    from latent_dmmd.reference import compute_reference_statistics
+
+    left = lambda x, t: x[..., : x.shape[-1] // 2].flatten(1)  # noqa: E731
+    stats = compute_reference_statistics(left, items, torch.tensor([0]), torch.ones(1000))
+    both = torch.cat([x, x_flip])[..., :4].flatten(1).double().mean(0).float()
+    assert stats.count == 16 and torch.allclose(stats.mean_data[0], both, atol=1e-6)
+
+
+def test_ema_warmup_settings_reach_the_checkpointed_ema(tmp_path):
+    """--ema_warmup/--ema_power reach diffusers' EMAModel, whose state is in every checkpoint. (Without
+    the warm-up EMAModel still ramps its decay as (1 + s) / (10 + s); the warm-up is the power law
+    1 - (1 + s / inv_gamma)^-power of diffusers' training scripts.)"""
+    write_image_folder(tmp_path / "imgs", n=16, size=12)
+    for flag in ("true", "false"):
+        run(tmp_path / flag, "--ema_warmup", flag, "--ema_power", "0.75", data=str(tmp_path / "imgs"), steps=2)
+        state = torch.load(tmp_path / flag / "out" / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=False)
+        assert state["use_ema_warmup"] is (flag == "true") and state["power"] == 0.75 and state["optimization_step"] == 2
