@@ -21,7 +21,8 @@ import torch
 from common import plt, write
 
 
-def dmmd_points(pipe, nfes, levels_list, args, metric, stats_data):
+def dmmd_points(pipe, nfes, levels_list, args, metric, stats_data, model="dmmd"):
+    from latent_dmmd.diagnostics import noise_memory
     from latent_dmmd.evaluation import generate
     from latent_dmmd.reference import compute_reference_statistics
 
@@ -39,13 +40,15 @@ def dmmd_points(pipe, nfes, levels_list, args, metric, stats_data):
         for t in levels_list:
             if n % t:
                 continue
-            images, seconds = generate(pipe, args.num_samples, args.batch_size, args.seed,
+            particles = {}
+            images, seconds = generate(pipe, args.num_samples, args.batch_size, args.seed, particles=particles,
                                        num_inference_steps=t, flow_steps_per_level=n // t)  # fmt: skip
             metric.reset_fake()
             metric.update(images, real=False)
             m = metric.compute()
-            rows.append({"method": "dmmd", "nfe": n, "levels": t, "flow_steps": n // t, "forward_equivalents": 3 * n,
-                         "step_size": pipe.scheduler.config.step_size,
+            rows.append({"method": "dmmd", "model": model, "nfe": n, "levels": t, "flow_steps": n // t,
+                         "forward_equivalents": 3 * n, "step_size": pipe.scheduler.config.step_size,
+                         "noise_memory_r2": noise_memory(particles["initial"], particles["final"])["r2"],
                          "seconds_per_image": seconds / args.num_samples, **m})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -65,8 +68,8 @@ def baseline_points(folder, nfes, args, metric, stats_data=None):
     if clip is None:  # pixels lie in [-1, 1] (diffusers' default clipping); latents: their training range
         clip = 1.0 if vae is None else (float(stats_data.abs().max()) if stats_data is not None else None)
     for kind in ("ddim", "ddpm"):
-        sched = baseline_scheduler(betas, kind, clip_sample_range=clip)
-        for n in nfes:
+        sched = baseline_scheduler(betas, kind, clip_sample_range=clip, timestep_spacing=args.timestep_spacing)
+        for n in nfes + (args.ddpm_full if kind == "ddpm" else []):
             start, chunks = time.perf_counter(), []
             for first in range(0, args.num_samples, args.batch_size):
                 k = min(args.batch_size, args.num_samples - first)
@@ -76,6 +79,7 @@ def baseline_points(folder, nfes, args, metric, stats_data=None):
             metric.reset_fake()
             metric.update(torch.cat(chunks), real=False)
             rows.append({"method": kind, "nfe": n, "forward_equivalents": n, "clip_sample_range": clip,
+                         "timestep_spacing": args.timestep_spacing,
                          "seconds_per_image": seconds / args.num_samples, **metric.compute()})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -83,7 +87,8 @@ def baseline_points(folder, nfes, args, metric, stats_data=None):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dmmd", required=True, help="DMMD pipeline folder")
+    p.add_argument("--dmmd", action="append", default=[],
+                   help="DMMD pipeline folder, or NAME=FOLDER (repeatable: every model is scored at every point)")
     p.add_argument("--ddpm", default=None, help="baseline folder written by --method ddpm (unet/, scheduler/, vae/)")
     p.add_argument("--reference", required=True, help="reference images (folder or IDX file)")
     p.add_argument("--reference_first_index", type=int, default=0, help="first reference image")
@@ -99,6 +104,10 @@ def main():
     p.add_argument("--clip_sample_range", type=float, default=None,
                    help="baselines clip predicted x0 to [-r, r] (default: 1 in pixel space, the training latents' max |z|)")
     p.add_argument("--reuse_dmmd", default=None, help="results JSON (or printed JSON lines) whose DMMD rows are reused, not recomputed")
+    p.add_argument("--timestep_spacing", default="trailing", choices=["leading", "trailing", "linspace"],
+                   help="baselines' diffusers timestep spacing (trailing starts every run at t = 999)")
+    p.add_argument("--ddpm_full", type=int, nargs="*", default=[],
+                   help="extra DDPM-only NFE points (e.g. 1000: the full ancestral chain, the sanity check)")
     p.add_argument("--name", default="quality_vs_nfe", help="output file stem in benchmarks/results")
     args = p.parse_args()
 
@@ -106,13 +115,32 @@ def main():
     from latent_dmmd.data import LatentCacheDataset
     from latent_dmmd.evaluation import FIDKID, output_resolution, reference_images
 
-    pipe = DMMDPipeline.from_pretrained(args.dmmd)
-    pipe.set_progress_bar_config(disable=True)
+    models = [item.split("=", 1) if "=" in item else ("dmmd", item) for item in args.dmmd]
+    if not models and not args.ddpm:
+        p.error("give --dmmd and/or --ddpm")
+    pipes = {}
+    for name, folder in models:
+        pipes[name] = DMMDPipeline.from_pretrained(folder)
+        pipes[name].set_progress_bar_config(disable=True)
+    pipe = next(iter(pipes.values()), None)
     stats_data = None
     if args.statistics_data:
         stats_data = LatentCacheDataset(args.statistics_data).tensors["mean"]
     metric = FIDKID(kid_subset_size=args.kid_subset_size)
-    resolution = output_resolution(pipe)
+    if pipe is not None:
+        resolution = output_resolution(pipe)
+    else:  # baselines only: the resolution of what the baseline decodes to
+        from diffusers import UNet2DModel
+
+        from latent_dmmd.autoencoders import decode_latents, load_autoencoder
+
+        c = UNet2DModel.load_config(os.path.join(args.ddpm, "unet"))
+        vae_dir = os.path.join(args.ddpm, "vae")
+        resolution = c["sample_size"]
+        if os.path.isdir(vae_dir):
+            with torch.no_grad():
+                z = torch.zeros(1, c["in_channels"], c["sample_size"], c["sample_size"])
+                resolution = int(decode_latents(load_autoencoder(vae_dir), z).shape[-1])
     for batch in reference_images(args.reference, resolution, args.reference_first_index, args.reference_count):
         metric.update(batch, real=True)
     if args.reuse_dmmd:  # DMMD rows of an earlier run with the same protocol (e.g. to redo the baselines)
@@ -122,18 +150,23 @@ def main():
             json.loads(line) for line in text.splitlines() if line.startswith("{")]  # fmt: skip
         rows = [r for r in found if r["method"] == "dmmd"]
     else:
-        rows = dmmd_points(pipe, args.nfe, args.levels, args, metric, stats_data)
+        rows = []
+        for name, model_pipe in pipes.items():
+            rows += dmmd_points(model_pipe, args.nfe, args.levels, args, metric, stats_data, model=name)
     if args.ddpm:
         rows += baseline_points(args.ddpm, args.nfe, args, metric, stats_data)
     path = write(args.name, {"benchmark": "FID/KID vs NFE", "args": vars(args), "rows": rows})
     pyplot = plt()
-    fig, ax = pyplot.subplots(figsize=(6, 4))
-    for label in sorted({(r["method"], r.get("levels")) for r in rows}, key=str):
-        sel = [r for r in rows if (r["method"], r.get("levels")) == label]
-        name = f"DMMD T={label[1]}" if label[0] == "dmmd" else label[0].upper()
+    fig, (ax, ax_r) = pyplot.subplots(1, 2, figsize=(11, 4))
+    for label in sorted({(r["method"], r.get("model"), r.get("levels")) for r in rows}, key=str):
+        sel = [r for r in rows if (r["method"], r.get("model"), r.get("levels")) == label]
+        name = f"{label[1] or 'DMMD'} T={label[2]}" if label[0] == "dmmd" else label[0].upper()
         ax.plot([r["nfe"] for r in sel], [r["fid"] for r in sel], "o-", label=name)
+        if "recall" in sel[0]:
+            ax_r.plot([r["nfe"] for r in sel], [r["recall"] for r in sel], "o-", label=name)
     ax.set(xscale="log", xlabel="NFE", ylabel=f"FID ({args.num_samples} samples)")
-    ax.legend()
+    ax_r.set(xscale="log", xlabel="NFE", ylabel="recall (k-NN, k = 3)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path.replace(".json", ".png"), dpi=90)
     print("wrote", path)

@@ -33,7 +33,9 @@ def ddpm_step_loss(unet, scheduler, x0: torch.Tensor, index: torch.Tensor, seed:
     return DDPMLossOutput(loss=torch.nn.functional.mse_loss(pred.float(), eps.float()))
 
 
-def baseline_scheduler(source_scheduler, kind: str = "ddim", clip_sample_range: float | None = None):
+def baseline_scheduler(
+    source_scheduler, kind: str = "ddim", clip_sample_range: float | None = None, timestep_spacing: str = "leading"
+):
     """A diffusers DDPM or DDIM scheduler with the same betas as ``source_scheduler``
     (a ``DMMDScheduler`` or the saved ``DDPMScheduler`` of a baseline: their config names match).
 
@@ -41,11 +43,14 @@ def baseline_scheduler(source_scheduler, kind: str = "ddim", clip_sample_range: 
     diffusers' pixel-space DDPM/DDIM do with ``r = 1`` by default; a short-trained epsilon network
     otherwise lets a few samples run away (its x0 error is amplified by ``sigma_t / alpha_t``).
     For latents use the range of the training latents; ``None`` disables clipping.
+    ``timestep_spacing`` is diffusers' (``"leading"``, its default, starts a 10-step run at t = 900;
+    ``"trailing"`` starts every run at t = 999, where the sampler's pure noise belongs).
     """
     c = source_scheduler.config
     clip = {"clip_sample": clip_sample_range is not None, "clip_sample_range": clip_sample_range or 1.0}
     kwargs = dict(num_train_timesteps=c.num_train_timesteps, beta_start=c.beta_start, beta_end=c.beta_end,
-                  beta_schedule=c.beta_schedule, trained_betas=c.trained_betas, **clip)  # fmt: skip
+                  beta_schedule=c.beta_schedule, trained_betas=c.trained_betas, timestep_spacing=timestep_spacing,
+                  **clip)  # fmt: skip
     if kind == "ddpm":
         return DDPMScheduler(**kwargs)
     if kind == "ddim":
@@ -79,3 +84,23 @@ def sample_baseline(
         eps = unet(x, t).sample
         x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
     return decode_latents(vae, x) if vae is not None else x
+
+
+@torch.no_grad()
+def epsilon_mse_per_level(unet: UNet2DModel, scheduler, x0: torch.Tensor, levels, seed: int = 0, batch_size: int = 100) -> list[dict]:
+    """Held-out denoising error of an epsilon network: ``E |eps_hat(x_t, t) - eps|^2`` per coordinate at
+    every level, noise keyed by (sample, level). ``scheduler`` is the DMMD or DDPM scheduler of the
+    forward process (``add_noise``). What a baseline that gets worse with more sampling steps is
+    checked with: a level where this error is large is a level where every step adds error."""
+    device = next(unet.parameters()).device
+    rows = []
+    for t in [int(t) for t in levels]:
+        total = 0.0
+        for first, chunk in zip(range(0, len(x0), batch_size), x0.split(batch_size)):
+            chunk = chunk.to(device)
+            tt = torch.full((len(chunk),), t, dtype=torch.long, device=device)
+            eps = keyed_randn([(seed, "eps-mse", first + i, t) for i in range(len(chunk))], chunk.shape[1:], device=device)
+            pred = unet(scheduler.add_noise(chunk, eps, tt), tt).sample
+            total += float((pred.float() - eps).square().sum())
+        rows.append({"t": t, "eps_mse": total / x0.numel()})
+    return rows

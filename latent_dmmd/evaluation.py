@@ -246,17 +246,32 @@ def reference_images(path: str, resolution: int, first_index: int = 0, count: in
         yield to_uint8((torch.stack(batch) + 1) / 2)
 
 
-def generate(pipe, num_samples: int, batch_size: int, seed: int = 0, **call_kwargs) -> tuple[torch.Tensor, float]:
+def generate(
+    pipe, num_samples: int, batch_size: int, seed: int = 0, particles: dict | None = None, **call_kwargs
+) -> tuple[torch.Tensor, float]:
     """``num_samples`` images as uint8, generated ``batch_size`` particles at a time; returns (images, seconds).
 
     Batch ``b`` uses the generator list ``seed + b * batch_size + i``, so a sample set is reproducible.
+    ``particles``, a dict, receives the initial and final particles (``"initial"``, ``"final"``), e.g.
+    for ``diagnostics.noise_memory``.
     """
-    out, start = [], time.perf_counter()
+    from diffusers.utils.torch_utils import randn_tensor
+
+    out, start, first_z, last_z = [], time.perf_counter(), [], []
     for b, first in enumerate(range(0, num_samples, batch_size)):
         n = min(batch_size, num_samples - first)
         gens = [torch.Generator().manual_seed(seed + first + i) for i in range(n)]
-        images = pipe(num_images=n, generator=gens, output_type="pt", **call_kwargs).images
+        kwargs = dict(call_kwargs)
+        if particles is not None:  # the pipeline's own draw, repeated from fresh generators of the same seeds
+            first_z.append(randn_tensor((n, *pipe.particle_shape), generator=[torch.Generator().manual_seed(seed + first + i)
+                                                                             for i in range(n)]))  # fmt: skip
+            kwargs["callback_on_step_end"] = lambda p, step, t, tensors: last_z.append(tensors["latents"].detach().cpu()) or {}
+        images = pipe(num_images=n, generator=gens, output_type="pt", **kwargs).images
+        if particles is not None:
+            last_z[:] = [*last_z[: len(first_z) - 1], last_z[-1]]  # keep each batch's final particles only
         out.append(to_uint8(images.cpu()))
+    if particles is not None:
+        particles["initial"], particles["final"] = torch.cat(first_z), torch.cat(last_z)
     return torch.cat(out), time.perf_counter() - start
 
 

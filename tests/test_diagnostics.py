@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from latent_dmmd import DMMDScheduler
-from latent_dmmd.diagnostics import adaptive_grid, effective_noise_level, plot_effective_noise, trace_effective_noise
+from latent_dmmd.diagnostics import (
+    adaptive_grid,
+    effective_noise_level,
+    flow_report,
+    noise_memory,
+    plot_effective_noise,
+    plot_flow_report,
+    trace_effective_noise,
+)
+from latent_dmmd.mmd import witness_gradient
 from latent_dmmd.reference import compute_reference_statistics
 
 from .conftest import tiny_data, tiny_pipeline
@@ -59,3 +68,38 @@ def test_trace_and_custom_grid_through_the_pipeline(tmp_path):
         pipe(num_images=2, timesteps=[500, 900, 1])
     plot_effective_noise({"tiny": trace}, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_noise_memory_of_a_shrink_and_shift_is_one_and_of_fresh_samples_is_zero():
+    g = torch.Generator().manual_seed(0)
+    init = torch.randn(500, 4, 3, 3, generator=g)
+    shrunk = noise_memory(init, 0.56 * init + torch.randn(1, 4, 3, 3, generator=g))
+    assert shrunk["r2"] == pytest.approx(1.0, abs=1e-6) and shrunk["coefficient"] == pytest.approx(0.56, abs=1e-6)
+    fresh = noise_memory(init, torch.randn(500, 4, 3, 3, generator=g))
+    assert abs(fresh["r2"]) < 0.01  # E[R²] ~ 1/(N·d) for independent draws
+    # half signal, half fresh noise of equal variance: R² = 0.5
+    half = noise_memory(init, init + torch.randn(500, 4, 3, 3, generator=g))
+    assert half["r2"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_flow_report_gradient_norm_is_the_witness_gradient_the_particles_follow(tmp_path):
+    """Level 1's reported norm equals |J^T (mean phi(Z) - m_P)| evaluated directly at the initial noise
+    (one flow step per level, so level 1 is exactly that gradient); path shares sum to 1; gaps are >= 0."""
+    pipe = tiny_pipeline(num_inference_steps=3, flow_steps_per_level=1, step_size=0.5)
+    data = tiny_data(n=16)
+    report = flow_report(pipe, data, num_images=16, seed=3)
+    init = torch.randn((16, *pipe.particle_shape), generator=torch.Generator().manual_seed(3))
+    disc, sched = pipe.discriminator, pipe.scheduler
+    m_p = disc.reference_statistics(sched.timesteps, sched.alphas_cumprod).mean_data[0]
+    t = torch.full((16,), int(sched.timesteps[0]))
+    grad, _ = witness_gradient(lambda x, tt: disc(x, tt).float(), init, t, lambda f: f.mean(0) - m_p)
+    assert report["witness_gradient_norm"][0] == pytest.approx(grad.flatten(1).norm(dim=1).mean().item(), rel=1e-4)
+    assert report["witness_gradient_norm"][0] > 0
+    assert sum(report["path_share"]) == pytest.approx(1.0)
+    assert len(report["feature_gap_generated"]) == 3 and min(report["feature_gap_data"]) >= 0
+    assert 0 <= report["noise_memory"]["r2"] <= 1
+    # DiffFlow noise moves particles at random: the step is no longer the gradient, so no norm is claimed
+    noisy = flow_report(pipe, data, num_images=16, seed=3, noise_scale=0.5)
+    assert noisy["witness_gradient_norm"] is None and noisy["step_norm"][0] > 0
+    plot_flow_report({"tiny": report}, str(tmp_path / "f.png"))
+    assert (tmp_path / "f.png").stat().st_size > 1000
