@@ -4,7 +4,7 @@
         --pipeline after=outputs/c64_dmmd/pipeline --vae ../shared/weights/taef2 \
         --data ../shared/data/celebahq256/images --first_index 3500 --count 256 --name flow_celebahq64
 
-For every pipeline: the witness-gradient norm and the share of the path at each sampling level,
+For every pipeline: the held-out paired MMD²_t at every sampling level, the witness-gradient norm and the share of the path at each sampling level,
 the feature gap |mean phi(x, t_k) - m_P(t_k)| of the samples beside that of held-out data, the R²
 of the final particles on their own starting noise, and the effective-noise trace (energy
 distance to the forward marginals). Writes benchmarks/results/<name>.{json,png} and
@@ -54,6 +54,7 @@ def main():
 
     from latent_dmmd import DMMDPipeline
     from latent_dmmd.diagnostics import flow_report, plot_effective_noise, plot_flow_report, trace_effective_noise
+    from latent_dmmd.training import level_mmd
 
     data = heldout_particles(args.data, args.first_index, args.count, args.resolution, args.vae, args.channels)
     call = {k: v for k, v in (("num_inference_steps", args.num_inference_steps),
@@ -64,6 +65,9 @@ def main():
         pipe = DMMDPipeline.from_pretrained(folder)
         pipe.set_progress_bar_config(disable=True)
         reports[name] = flow_report(pipe, data, num_images=args.num_images, seed=args.seed, **call)
+        if pipe.discriminator.config.objective == "mmd":  # what the discriminator sees at each level (method §3)
+            rows = level_mmd(pipe.discriminator, data, pipe.scheduler.timesteps, pipe.scheduler, seed=args.seed)
+            reports[name]["heldout_mmd2"] = [r["mmd2"] for r in rows]
         trace = trace_effective_noise(pipe, data, num_images=args.num_images, seed=args.seed, **call)
         traces[name] = {"scheduled": trace["scheduled"], "effective": trace["effective"]}
         reports[name]["effective_noise"] = traces[name]

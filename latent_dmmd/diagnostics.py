@@ -204,8 +204,10 @@ def plot_flow_report(reports: dict[str, dict], path: str, title: str = "") -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax0, ax1, ax2) = plt.subplots(1, 3, figsize=(15, 4))
     for name, r in reports.items():
+        if "heldout_mmd2" in r:
+            ax0.plot(r["levels"], [max(v, 1e-8) for v in r["heldout_mmd2"]], marker="o", label=name)
         norms = r["witness_gradient_norm"] or r["step_norm"]
         ax1.plot(r["levels"], norms, marker="o", label=name)
         if "feature_gap_generated" in r:
@@ -214,7 +216,9 @@ def plot_flow_report(reports: dict[str, dict], path: str, title: str = "") -> No
                      label=f"{name}: held-out data")  # fmt: skip
     ax1.set(xlabel="level t_k", ylabel="mean witness-gradient norm", yscale="log", title="does the flow move?")
     ax2.set(xlabel="level t_k", ylabel="|mean phi(x, t_k) - m_P(t_k)|", yscale="log", title="feature gap to m_P")
-    for ax in (ax1, ax2):
+    ax0.set(xlabel="level t_k", ylabel="held-out paired MMD²_t (floored at 1e-8)", yscale="log",
+            title="what the discriminator sees")
+    for ax in (ax0, ax1, ax2):
         ax.invert_xaxis()
         ax.legend(fontsize=7)
     if title:

@@ -71,6 +71,19 @@ def _template() -> str:
     return resources.files("latent_dmmd").joinpath("templates/model_card.md").read_text()
 
 
+def _objective(cfg: dict) -> str:
+    """One line on the training loss: estimator, level balance and penalties (method §2-3)."""
+    if cfg.get("objective") == "kale":
+        return f"KALE critic, gradient penalty {cfg.get('lambda_gp', 1.0)}"
+    pairing = {"paired": "paired unbiased MMD² (own noisy copy, diagonal left out)",
+               "permuted": "two-sample MMD² against the next group's noisy copies",
+               "independent": "two-sample MMD² on paired copies (biased; ablation only)"}.get(  # fmt: skip
+        cfg.get("pairing", "independent"), str(cfg.get("pairing")))
+    balance = cfg.get("level_weighting", "none")
+    return (f"{pairing}; level weighting {balance}; l2 ({cfg.get('l2_mode', 'feature')}) "
+            f"{cfg.get('lambda_l2', 1e-3)}, gradient penalty {cfg.get('lambda_gp', 1.0)}")
+
+
 def write_model_card(
     folder: str,
     config=None,
@@ -156,6 +169,8 @@ def write_model_card(
         vae=cfg.get("pretrained_vae") or ("none (pixel space)" if space == "pixel" else "see vae/config.json"),
         discriminator=f"UNet2DModel backbone, block_out_channels {disc.get('block_out_channels')}, feature dim "
         f"{disc.get('projection_dim') or 'flattened output'}",
+        objective=_objective(cfg),
+        flips=bool(cfg.get("random_flip")),
         steps=cfg.get("max_train_steps"),
         batch=cfg.get("train_batch_size"),
         processes=info.get("num_processes", 1),
