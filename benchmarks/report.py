@@ -24,11 +24,34 @@ def table(header: list[str], rows: list[list]) -> str:
 
 def quality(record) -> str:
     rows = []
-    for r in sorted(record["rows"], key=lambda r: (r["nfe"], r["method"], r.get("levels") or 0)):
-        name = f"DMMD T={r['levels']}×N_s={r['flow_steps']}" if r["method"] == "dmmd" else r["method"].upper()
+    key = lambda r: (r["nfe"], r["method"], r.get("model") or "", r.get("levels") or 0)  # noqa: E731
+    for r in sorted(record["rows"], key=key):
+        if r["method"] == "dmmd":
+            model = f"{r['model']} " if r.get("model") not in (None, "dmmd") else ""
+            name = f"DMMD {model}T={r['levels']}×N_s={r['flow_steps']}"
+        else:
+            name = r["method"].upper() + (f" ({r['timestep_spacing']})" if r.get("timestep_spacing") else "")
+        r2 = r.get("noise_memory_r2")
         rows.append([r["nfe"], name, r["forward_equivalents"], fmt(r["fid"]), f"{r['kid']:.4f} ± {r['kid_std']:.4f}",
-                     fmt(r.get("precision"), 3), fmt(r.get("recall"), 3), fmt(r["seconds_per_image"], 3)])  # fmt: skip
-    return table(["NFE", "sampler", "forward-equiv.", "FID", "KID", "precision", "recall", "s / image"], rows)
+                     fmt(r.get("precision"), 3), fmt(r.get("recall"), 3), "—" if r2 is None else f"{r2:.2f}",
+                     fmt(r["seconds_per_image"], 3)])  # fmt: skip
+    return table(["NFE", "sampler", "forward-equiv.", "FID", "KID", "precision", "recall", "R² on noise", "s / image"],
+                 rows)  # fmt: skip
+
+
+def flow(record) -> str:
+    rows = []
+    for name, r in record["reports"].items():
+        for k, t in enumerate(r["levels"]):
+            grad = r["witness_gradient_norm"][k] if r["witness_gradient_norm"] else None
+            rows.append([name, t, fmt(r.get("heldout_mmd2", [None] * (k + 1))[k], 4), fmt(grad, 3),
+                         fmt(r["path_share"][k], 3), fmt(r.get("feature_gap_generated", [None] * (k + 1))[k], 3),
+                         fmt(r.get("feature_gap_data", [None] * (k + 1))[k], 3), r["effective_noise"]["effective"][k]])  # fmt: skip
+    out = table(["model", "level t_k", "held-out MMD²_t", "witness-grad norm", "path share", "gap: samples",
+                 "gap: held-out", "effective level entering"], rows)  # fmt: skip
+    memory = ", ".join(f"{n}: R² {r['noise_memory']['r2']:.2f} (slope {r['noise_memory']['coefficient']:.2f})"
+                       for n, r in record["reports"].items())  # fmt: skip
+    return out + f"\n\nFinal particles on their starting noise: {memory}."
 
 
 def sweep(record) -> str:
@@ -48,7 +71,8 @@ def main():
         with open(os.path.join(RESULTS, name + ".json")) as f:
             record = json.load(f)
         kind = record["benchmark"]
-        render = quality if kind.startswith("FID/KID vs NFE") else step_size if kind.startswith("step size") else sweep
+        render = (quality if kind.startswith("FID/KID vs NFE") else step_size if kind.startswith("step size")
+                  else flow if kind == "flow diagnostics" else sweep)  # fmt: skip
         print(f"### {name}\n\n{render(record)}\n")
 
 

@@ -95,6 +95,9 @@ class TrainConfig:
     group_size: int = _f(16, "samples per noise-level group (each group's MMD uses this many pairs)")
     lambda_l2: float = _f(1e-3, "weight of the l2 regulariser")
     lambda_gp: float = _f(1.0, "weight of the gradient penalty")
+    gp_every: int = _f(1, "lazy penalty: the gradient penalty on one step in k (those with step % k == 0), its "
+                          "weight times k; the other steps skip its double backward")
+    gp_fraction: float = _f(1.0, "the gradient penalty on this fraction of each group's interpolates (keyed draws)")
     l2_mode: str = _f("feature", "l2 reading: feature (mean squared feature norm) or witness")
     gp_target: float = _f(1.0, "target norm of the witness gradient in the penalty")
     pairing: str = _f("paired", "how a group's clean samples meet noisy ones (method 2): paired (each with its own noisy "
@@ -211,7 +214,11 @@ class TrainConfig:
 
         if self.level_weighting not in MODES:
             raise ValueError(f"--level_weighting must be one of {', '.join(MODES)}, got {self.level_weighting!r}")
-        for name in ("max_train_steps", "gradient_accumulation_steps", "checkpointing_steps", "log_every"):
+        if not 0 < self.gp_fraction <= 1:
+            raise ValueError(f"--gp_fraction must be in (0, 1], got {self.gp_fraction}")
+        if self.objective == "kale" and self.gp_fraction < 1:
+            raise ValueError("--gp_fraction is for the MMD objective; the KALE critic's penalty runs on every interpolate")
+        for name in ("max_train_steps", "gradient_accumulation_steps", "checkpointing_steps", "log_every", "gp_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1")
 
@@ -345,13 +352,16 @@ def dmmd_step_loss(
     eps = keyed_randn([(s, "eps", step, m, k) for k in keys], x0.shape[1:], device=x0.device, dtype=x0.dtype)
     u = keyed_rand([(s, "u", step, m, k) for k in keys], device=x0.device, dtype=x0.dtype)
     xt = scheduler.add_noise(x0, eps, t)
+    # lazy penalty (StyleGAN2's lazy R1): every gp_every-th step, weighted by gp_every; which steps
+    # follows from the step index, so a resumed run penalises the same steps
+    lambda_gp = config.lambda_gp * config.gp_every if step % config.gp_every == 0 else 0.0
     if config.objective == "kale":
         from .kale import clip_critic, kale_loss
 
         unwrapped = penalty_model or model
         return kale_loss(
             lambda x, tt: clip_critic(model(x, tt)[:, 0], unwrapped.config.critic_clip), x0, xt, t,
-            kale_lambda=unwrapped.config.kale_lambda, lambda_gp=config.lambda_gp, gp_target=config.gp_target,
+            kale_lambda=unwrapped.config.kale_lambda, lambda_gp=lambda_gp, gp_target=config.gp_target,
             interpolation=u, critic_penalty=lambda x, tt: unwrapped.critic(x, tt),
         )  # fmt: skip
     # permuted: group g meets noisy copies (at its own level) of group g+1's samples, independent of its own
@@ -359,10 +369,15 @@ def dmmd_step_loss(
     weights = None
     if level_weighting is not None and level_weighting.mode != "none":
         weights = lambda mmd2: level_weighting(t_group, mmd2, reduce)  # noqa: E731
+    penalty_index = None
+    if lambda_gp and config.gp_fraction < 1:  # the same number of interpolates from every group, keyed
+        keep = max(1, round(config.gp_fraction * size))
+        ranks = keyed_rand([(s, "gp", step, m, k) for k in keys]).view(groups, size).argsort(1)[:, :keep]
+        penalty_index = (ranks.sort(1).values + size * torch.arange(groups)[:, None]).flatten()
     return dmmd_loss(
-        model, x0, xt, t, groups, lambda_l2=config.lambda_l2, lambda_gp=config.lambda_gp,
+        model, x0, xt, t, groups, lambda_l2=config.lambda_l2, lambda_gp=lambda_gp,
         l2_mode=config.l2_mode, gp_target=config.gp_target, interpolation=u, phi_penalty=penalty_model,
-        pairing=config.pairing, xt_unpaired=xt_unpaired, group_weights=weights,
+        pairing=config.pairing, xt_unpaired=xt_unpaired, group_weights=weights, penalty_index=penalty_index,
     )  # fmt: skip
 
 

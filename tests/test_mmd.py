@@ -259,3 +259,18 @@ def test_gaussian_kernel_is_one_on_the_diagonal():
     k = gaussian_kernel(x, x, 0.7)
     assert torch.allclose(k.diagonal(), torch.ones(5))
     assert math.isclose(k[0, 1].item(), math.exp(-((x[0] - x[1]).norm().item() ** 2) / (2 * 0.49)), rel_tol=1e-5)
+
+
+def test_penalty_on_a_subset_of_interpolates_is_the_mean_over_that_subset():
+    net, phi = _toy_phi()
+    g = torch.Generator().manual_seed(4)
+    x0, xt = torch.randn(8, 2, generator=g), torch.randn(8, 2, generator=g)
+    t = torch.tensor([100] * 4 + [700] * 4)
+    u = torch.rand(8, generator=g)
+    subset = torch.tensor([1, 2, 4, 7])
+    out = dmmd_loss(phi, x0, xt, t, 2, lambda_gp=1.0, interpolation=u, penalty_index=subset)
+    a, b = phi(x0, t), phi(xt, t)
+    gdir = torch.stack([b[:4].mean(0) - a[:4].mean(0), b[4:].mean(0) - a[4:].mean(0)]).repeat_interleave(4, 0)
+    x_hat = (u[:, None] * x0 + (1 - u[:, None]) * xt)[subset].requires_grad_(True)
+    (grad,) = torch.autograd.grad((phi(x_hat, t[subset]) * gdir[subset]).sum(), x_hat)
+    assert torch.allclose(out.gradient_penalty, (grad.norm(dim=1) - 1).square().mean().detach(), atol=1e-6)

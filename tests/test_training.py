@@ -101,7 +101,8 @@ def test_stale_latent_cache_is_refused(tmp_path):
         run(tmp_path, "--pretrained_vae", other, "--resolution", "16", steps=2)
 
 
-@pytest.mark.parametrize("options", [(), ("--level_weighting", "normalized", "--pairing", "permuted")])
+@pytest.mark.parametrize("options", [(), ("--level_weighting", "normalized", "--pairing", "permuted"),
+                                     ("--gp_every", "3", "--gp_fraction", "0.5")])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, options):
     """Also with level balance, whose running per-bucket MMD² are training state in the checkpoint."""
     straight = tmp_path / "a"
@@ -260,3 +261,28 @@ def test_ema_warmup_settings_reach_the_checkpointed_ema(tmp_path):
         run(tmp_path / flag, "--ema_warmup", flag, "--ema_power", "0.75", data=str(tmp_path / "imgs"), steps=2)
         state = torch.load(tmp_path / flag / "out" / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=False)
         assert state["use_ema_warmup"] is (flag == "true") and state["power"] == 0.75 and state["optimization_step"] == 2
+
+
+def test_lazy_and_subsampled_penalty_follow_the_step_index():
+    """--gp_every k: the penalty on steps with step % k == 0 only, weighted by k; --gp_fraction f: on
+    round(f * group_size) interpolates of every group, chosen by keyed draws (the same on a rerun)."""
+    from latent_dmmd.schedulers import DMMDScheduler
+    from latent_dmmd.training import dmmd_step_loss
+
+    from .conftest import tiny_discriminator
+
+    disc, sched = tiny_discriminator(), DMMDScheduler()
+    x0 = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    index = torch.arange(8)
+    lazy = load_config(["--train_data_dir", "x", "--train_batch_size", "8", "--group_size", "4", "--gp_every", "4"])
+    on, off = (dmmd_step_loss(disc, sched, x0, index, lazy, step, 0) for step in (8, 9))
+    assert on.gradient_penalty > 0 and off.gradient_penalty == 0
+    assert torch.allclose(on.loss, -on.mmd2 + 1e-3 * on.l2 + 4 * on.gradient_penalty, atol=1e-5)
+    assert torch.allclose(off.loss, -off.mmd2 + 1e-3 * off.l2, atol=1e-5)
+    full = load_config(["--train_data_dir", "x", "--train_batch_size", "8", "--group_size", "4"])
+    half = load_config(["--train_data_dir", "x", "--train_batch_size", "8", "--group_size", "4", "--gp_fraction", "0.5"])
+    a, b = dmmd_step_loss(disc, sched, x0, index, half, 3, 0), dmmd_step_loss(disc, sched, x0, index, half, 3, 0)
+    assert torch.equal(a.gradient_penalty, b.gradient_penalty)
+    assert not torch.allclose(a.gradient_penalty, dmmd_step_loss(disc, sched, x0, index, full, 3, 0).gradient_penalty)
+    with pytest.raises(ValueError, match="gp_fraction"):
+        load_config(["--train_data_dir", "x", "--gp_fraction", "0"])
