@@ -25,6 +25,8 @@ Reference = Callable[[int, torch.Tensor], torch.Tensor]
 Update = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 # callback(step_index, level_index, t, particles) -> particles or None
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor | None]
+# perturb(particles, level_index) -> the points where the witness gradient is evaluated, or None (at the particles)
+Perturb = Callable[[torch.Tensor, int], torch.Tensor | None]
 
 
 def as_reference(means: torch.Tensor | Reference) -> Reference:
@@ -72,6 +74,7 @@ def sample_flow(
     progress: bool | Callable[[int], contextlib.AbstractContextManager] = False,
     witness: bool = True,
     kale_lambda: float | None = None,
+    perturb: Perturb | None = None,
 ) -> torch.Tensor:
     """Run the DMMD particle flow of §5 and return the final particles.
 
@@ -92,6 +95,10 @@ def sample_flow(
             sampler at ``score_weight = 1`` moves on the score alone.
         kale_lambda: set for a KALE critic (``phi`` returns its (N, 1) clipped values): particles
             then move along ``(1 + λ) e^h grad h`` and ``reference``/``particle_mean`` are unused.
+        perturb: noise injection (§5, Arbel et al. 2019): ``perturb(Z, k)`` returns the points
+            ``Z + beta_k sigma_t u`` where the witness gradient is evaluated, while ``Z`` itself is
+            moved; the witness stays that of the unperturbed particles (their ensemble mean costs
+            one more forward, without backward). ``None`` from it (or no ``perturb``) is the plain flow.
     """
     if particle_mean not in ("ensemble", "forward_marginal"):
         raise ValueError(f"unknown particle_mean {particle_mean!r}; expected 'ensemble' or 'forward_marginal'")
@@ -127,7 +134,15 @@ def sample_flow(
                 direction = marginal(k, t[:1]).to(z.device) - reference(k, t[:1]).to(z.device)
             for _ in range(flow_steps):
                 if witness:
-                    grad, _ = witness_gradient(phi, z, t, direction)
+                    at = perturb(z, k) if perturb is not None else None
+                    if at is None:
+                        grad, _ = witness_gradient(phi, z, t, direction)
+                    else:
+                        g = direction
+                        if callable(direction) and kale_lambda is None:  # the ensemble mean of the particles themselves
+                            with torch.no_grad():
+                                g = direction(phi(z, t).detach())
+                        grad, _ = witness_gradient(phi, at, t, g)
                     z = update(grad.to(z.dtype), k, z)
                 else:
                     z = update(None, k, z)

@@ -104,3 +104,21 @@ def test_progress_factory_is_updated_once_per_flow_step():
     sample_flow(linear_phi, torch.ones(2, 2), [5, 3, 1], torch.zeros(3, 2), flow_steps=4,
                 progress=lambda total: totals.append(total) or Bar())  # fmt: skip
     assert totals == [12] and len(updates) == 12
+
+
+def test_noise_injection_keeps_the_fixed_point_of_the_quadratic_flow():
+    """Noise injection evaluates the witness gradient at z + beta u but keeps the witness of the particles
+    themselves: with phi = (x, x^2) the expected gradient is unchanged, so the flow still lands on
+    N(1.5, 0.7^2) (mean +-0.02, std +-0.02). Taking the particle mean at the perturbed points instead
+    would shrink the variance to 0.49 - beta^2 (std 0.49 at beta = 0.5), which this rules out."""
+    phi = lambda x, t: torch.cat([x, x.square()], 1)  # noqa: E731
+    m_p = torch.tensor([[1.5, 1.5**2 + 0.7**2]], dtype=torch.float64)
+    z = torch.randn(2000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    jitter = lambda z, k: z + 0.5 * torch.randn(z.shape, generator=g, dtype=z.dtype)  # noqa: E731
+    out = sample_flow(phi, z, [0], m_p, flow_steps=4000, update=0.05, perturb=jitter)
+    assert out.mean().item() == pytest.approx(1.50, abs=0.02)
+    assert out.std().item() == pytest.approx(0.70, abs=0.02)
+    # and perturb returning None is the plain flow, bit for bit
+    plain = sample_flow(phi, z, [0], m_p, flow_steps=50, update=0.05)
+    assert torch.equal(plain, sample_flow(phi, z, [0], m_p, flow_steps=50, update=0.05, perturb=lambda z, k: None))

@@ -254,3 +254,18 @@ def test_xformers_without_cuda_is_refused(pipe):
         pytest.skip("this machine has CUDA; the refusal is for CPU-only machines")
     with pytest.raises(ValueError, match="CUDA"):
         pipe.enable_xformers_memory_efficient_attention()
+
+
+def test_noise_injection_zero_is_the_plain_sampler_and_draws_nothing(pipe):
+    gen = torch.Generator().manual_seed(0)
+    plain = pipe(num_images=4, generator=gen, output_type="latent").images
+    after_plain = gen.initial_seed(), torch.randn(1, generator=gen)
+    gen = torch.Generator().manual_seed(0)
+    zero = pipe(num_images=4, generator=gen, output_type="latent", noise_injection=0.0).images
+    assert torch.equal(plain, zero) and torch.equal(torch.randn(1, generator=gen), after_plain[1])
+    injected = pipe(num_images=4, generator=torch.Generator().manual_seed(0), output_type="latent", noise_injection=1.0)
+    assert not torch.equal(plain, injected.images) and torch.isfinite(injected.images).all()
+    sched = pipe.scheduler
+    assert sched.injection_scale(0, 1.0) == pytest.approx(float(1 - sched.alphas_cumprod[sched.timesteps[0]]) ** 0.5)
+    with pytest.raises(ValueError, match="noise_injection"):
+        pipe(num_images=2, noise_injection=-1.0)

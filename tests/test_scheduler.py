@@ -89,3 +89,13 @@ def test_config_round_trip(tmp_path):
     assert drop(loaded.config) == drop(s.config)
     assert torch.equal(loaded.timesteps, s.timesteps)
     assert s.nfe() == {"nfe": 21, "forward_equivalents": 63}
+
+
+def test_noise_injection_schedule_decays_linearly_to_zero_at_the_last_level():
+    sched = DMMDScheduler(num_inference_steps=5, noise_injection=0.4, noise_injection_schedule="linear")
+    sigma = (1 - sched.alphas_cumprod[sched.timesteps]).sqrt()
+    scales = [sched.injection_scale(k) for k in range(5)]
+    expected = [0.4 * (4 - k) / 4 * float(sigma[k]) for k in range(5)]
+    assert scales == pytest.approx(expected) and scales[-1] == 0.0
+    with pytest.raises(ValueError, match="noise_injection"):
+        DMMDScheduler(noise_injection=-0.1)

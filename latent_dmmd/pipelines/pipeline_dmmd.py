@@ -204,6 +204,7 @@ class DMMDPipeline(DiffusionPipeline):
         noise_schedule: str | None = None,
         noise_mode: str | None = None,
         score_weight: float | None = None,
+        noise_injection: float | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate ``num_images`` images.
 
@@ -228,6 +229,8 @@ class DMMDPipeline(DiffusionPipeline):
                 method §7 (defaults: the scheduler config; ``noise_scale=0`` is plain DMMD).
                 ``noise_mode="score"`` needs the pipeline's ``score_model``. The noise is drawn
                 from ``generator`` after the initial particles.
+            noise_injection: ``beta`` of noise injection (method §5; default: the scheduler config):
+                the witness gradient is evaluated at ``z + beta_k sigma_t u``, the particles ``z`` move.
         """
         self._check_inputs(num_images, generator, latents, output_type, callback_on_step_end_tensor_inputs)
         device = self._execution_device
@@ -273,6 +276,12 @@ class DMMDPipeline(DiffusionPipeline):
             return sched.step(grad, timesteps[k], z, step_size=step_size, generator=generator, score=score,
                               **diffflow).prev_sample  # fmt: skip
 
+        def perturb(z, k):
+            scale = sched.injection_scale(k, noise_injection)
+            if scale == 0:
+                return None  # the plain flow, no random numbers drawn
+            return z + scale * randn_tensor(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+
         def callback(step, k, t, z):
             if callback_on_step_end is None:
                 return None
@@ -292,6 +301,7 @@ class DMMDPipeline(DiffusionPipeline):
             progress=lambda total: self.progress_bar(total=total),
             witness=settings["score_weight"] < 1,
             kale_lambda=disc.config.kale_lambda if kale else None,
+            perturb=perturb,
         )
 
         if output_type == "latent":

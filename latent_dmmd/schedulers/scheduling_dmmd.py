@@ -27,6 +27,7 @@ _CHOICES = {
     "train_timestep_sampling": ("uniform", "log_snr", "grid"),
     "noise_mode": ("plain", "compensated", "score"),
     "noise_schedule": ("sigma", "constant", "window"),
+    "noise_injection_schedule": ("constant", "linear"),
 }
 
 
@@ -94,6 +95,11 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
         score_weight: ``w`` in [0, 1]; the witness drift is scaled by ``1 - w`` (needs
             ``noise_mode="score"``): ``w = 0`` is DMMD plus score churn, ``w = 1`` annealed
             Langevin on the score alone.
+        noise_injection: ``beta`` of noise injection (§5, Arbel et al. 2019): the witness gradient
+            is evaluated at ``z + beta_k sigma_t u`` (fresh ``u ~ N(0, I)`` every step) and ``z`` is
+            moved; 0 is the plain flow and draws nothing.
+        noise_injection_schedule: ``beta_k = beta`` (``"constant"``) or ``beta (T - 1 - k) / (T - 1)``,
+            decaying linearly to 0 at the last level (``"linear"``).
     """
 
     order = 1
@@ -121,6 +127,8 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
         noise_window: list[int] | None = None,
         noise_mode: str = "plain",
         score_weight: float = 0.0,
+        noise_injection: float = 0.0,
+        noise_injection_schedule: str = "constant",
     ):
         for key, allowed in _CHOICES.items():
             value = locals()[key]
@@ -133,6 +141,8 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
         if num_inference_steps < 1 or flow_steps_per_level < 1:
             raise ValueError("num_inference_steps and flow_steps_per_level must be >= 1")
         check_diffflow(noise_scale, noise_schedule, noise_window, noise_mode, score_weight)
+        if noise_injection < 0:
+            raise ValueError(f"noise_injection must be >= 0, got {noise_injection}")
 
         if trained_betas is not None:
             self.betas = torch.tensor(trained_betas, dtype=torch.float32)
@@ -238,6 +248,18 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
     def step_sizes(self, step_size: float | None = None) -> list[float]:
         """The step size ``eta_k`` of every level of the current grid (``step_size`` overrides eta)."""
         return [self.level_step_size(int(t), step_size) for t in self.timesteps]
+
+    def injection_scale(self, level_index: int, noise_injection: float | None = None) -> float:
+        """``beta_k sigma_t`` of noise injection at level ``k`` of the current grid (0: none)."""
+        beta = self.config.noise_injection if noise_injection is None else noise_injection
+        if beta < 0:
+            raise ValueError(f"noise_injection must be >= 0, got {beta}")
+        if beta == 0:
+            return 0.0
+        levels = len(self.timesteps)
+        if self.config.noise_injection_schedule == "linear":
+            beta = beta * ((levels - 1 - level_index) / (levels - 1) if levels > 1 else 0.0)
+        return beta * float(1 - self.alphas_cumprod[int(self.timesteps[level_index])]) ** 0.5
 
     # ------------------------------------------------------------------ DiffFlow noise (§7)
     def diffflow(self, **overrides) -> dict:
