@@ -8,11 +8,16 @@ by the regularised variational lower bound of KL(P || Q):
 whose maximiser approaches log dP/dQ as λ -> 0. Here P is the clean data and Q its
 forward-noised copy at level t, exactly the pairs DMMD trains on, and ``h(x, t)`` is a scalar
 critic (a ``DMMDDiscriminator`` with ``projection_dim=1``). ``||h||²`` (an RKHS norm in the
-paper) becomes the mean of h² over both samples. The critic is soft-clipped,
-``h = c tanh(raw / c)``, so ``exp h`` cannot blow up.
+paper) becomes the mean of h² over both samples. The critic is bounded from above only,
+``h = c - softplus(c - raw)`` (the identity for ``raw << c``, never above ``c``), so ``exp h``
+cannot blow up while ``h << 0`` keeps its gradient: at high noise the optimal critic,
+``log(p_0 / p_t)``, is of order -300 for face latents, where a two-sided clip such as
+``c tanh(raw / c)`` has a gradient of exactly zero in fp32.
 
-The gradient flow of ``Q -> KALE(P || Q)`` moves particles with velocity
-``(1 + λ) exp(h) grad h``: the first variation of the objective in Q is ``-(1 + λ) exp(h*)``.
+Particles move along ``(1 + λ) grad h``: with ``h ≈ log(p / q)`` this is the ``grad log(p / q)``
+end of the DiffFlow family (method §7), the Wasserstein gradient flow of KL(Q || P). (Weighting it
+by ``exp h``, the forward-KL direction, makes it vanish wherever ``h << 0``, i.e. wherever the
+particles are at the start.)
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ Critic = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t) -> (B,) 
 
 
 def clip_critic(raw: torch.Tensor, clip: float) -> torch.Tensor:
-    """``c tanh(raw / c)``: the identity near 0, bounded by ``±c``, smooth (gradients survive)."""
-    return clip * torch.tanh(raw / clip)
+    """``c - softplus(c - raw)``: bounded by ``c`` from above only, ``≈ raw`` (gradient ≈ 1) for ``raw << c``."""
+    return clip - torch.nn.functional.softplus(clip - raw)
 
 
 @dataclass
@@ -86,8 +91,8 @@ def kale_loss(
 
 
 def kale_direction(kale_lambda: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Cotangent for ``witness_gradient`` so that ``Z - eta G`` moves along ``(1 + λ) e^h grad h``.
+    """Cotangent for ``witness_gradient`` so that ``Z - eta G`` moves along ``(1 + λ) grad h``.
 
-    Takes the (N, 1) clipped critic values of the particles and returns ``-(1 + λ) e^h`` (N, 1).
+    Takes the (N, 1) critic values of the particles and returns ``-(1 + λ)`` for each (N, 1).
     """
-    return lambda h: -(1 + kale_lambda) * h.exp()
+    return lambda h: torch.full_like(h, -(1 + kale_lambda))

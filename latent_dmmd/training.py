@@ -88,8 +88,8 @@ class TrainConfig:
     # method
     method: str = _f("dmmd", "dmmd, or ddpm: the epsilon-prediction baseline on the same UNet backbone and forward process")
     objective: str = _f("mmd", "discriminator objective: mmd (DMMD features) or kale (scalar KALE critic, "
-                               "projection_dim 1; sampling follows (1+lambda) e^h grad h)")
-    critic_clip: float | None = _f(None, "KALE: soft clip c of the critic, c tanh(raw / c) (default 5)")
+                               "projection_dim 1; sampling follows (1+lambda) grad h)")
+    critic_clip: float | None = _f(None, "KALE: upper bound c of the critic, c - softplus(c - raw) (default 5)")
     kale_lambda: float | None = _f(None, "KALE: regularisation lambda of the bound (default 0.1)")
     # loss
     group_size: int = _f(16, "samples per noise-level group (each group's MMD uses this many pairs)")

@@ -56,7 +56,7 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
             latents the statistics describe (None in pixel space).
         objective: ``"mmd"`` (features for the linear-kernel MMD, the default) or ``"kale"``
             (a scalar critic trained with the KALE bound; needs ``projection_dim=1``).
-        critic_clip: ``c`` of the KALE critic's soft clip ``c tanh(raw / c)``.
+        critic_clip: ``c``, the KALE critic's upper bound: ``h = c - softplus(c - raw)``.
         kale_lambda: ``λ`` of the KALE objective (also scales the particle velocity ``1 + λ``).
     """
 
