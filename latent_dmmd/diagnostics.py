@@ -151,7 +151,7 @@ def flow_report(pipe, data: torch.Tensor, num_images: int = 256, seed: int = 0, 
     sched, disc = pipe.scheduler, pipe.discriminator
     flow_steps = call_kwargs.get("flow_steps_per_level") or sched.config.flow_steps_per_level
     settings = sched.diffflow(**{k: call_kwargs.get(k) for k in ("noise_scale", "noise_mode", "score_weight")})
-    exact = settings["noise_scale"] == 0 and settings["score_weight"] == 0 and sched.config.step_size_schedule != "rms"
+    exact = settings["noise_scale"] == 0 and settings["score_weight"] == 0 and sched.config.step_size_schedule not in ("rms", "level")
     steps: list[torch.Tensor] = []
     previous: list[torch.Tensor] = []
 
@@ -167,7 +167,7 @@ def flow_report(pipe, data: torch.Tensor, num_images: int = 256, seed: int = 0, 
     final = pipe(num_images=num_images, latents=init, output_type="latent", callback_on_step_end=callback,
                  **call_kwargs).images.detach()  # fmt: skip
     levels = [int(t) for t in sched.timesteps]
-    eta = sched.step_sizes(call_kwargs.get("step_size"))
+    eta = sched.step_sizes(call_kwargs.get("step_size"), flow_steps)
     per_level = torch.stack(steps).view(len(levels), flow_steps, num_images)  # (T, N_s, N)
     travelled = per_level.sum((1, 2))
     report = {

@@ -99,3 +99,22 @@ def test_noise_injection_schedule_decays_linearly_to_zero_at_the_last_level():
     assert scales == pytest.approx(expected) and scales[-1] == 0.0
     with pytest.raises(ValueError, match="noise_injection"):
         DMMDScheduler(noise_injection=-0.1)
+
+
+def test_level_sized_steps_move_each_particle_by_the_gap_to_the_next_level():
+    """step_size_schedule='level': over the N_s steps of level k a particle moves eta sqrt(d) (sigma_k -
+    sigma_{k+1}) whatever the gradient's scale (here a gradient the same for every particle)."""
+    sched = DMMDScheduler(num_inference_steps=4, flow_steps_per_level=5, step_size=1.0, step_size_schedule="level")
+    sigma = lambda t: float(1 - sched.alphas_cumprod[int(t)]) ** 0.5  # noqa: E731
+    d = 48
+    grad = torch.full((3, 3, 4, 4), 1e-3)  # tiny: the schedule must not care
+    for k, t in enumerate(sched.timesteps):
+        nxt = sched.timesteps[k + 1] if k + 1 < 4 else 0
+        z = torch.zeros(3, 3, 4, 4)
+        for _ in range(5):
+            z = sched.step(grad, t, z).prev_sample
+        moved = z.flatten(1).norm(dim=1)
+        assert torch.allclose(moved, torch.full((3,), d**0.5 * (sigma(t) - sigma(nxt))), rtol=1e-5)
+    # the pipeline's N_s override sizes the steps for its own count
+    assert sched.level_step_size(int(sched.timesteps[0]), flow_steps=10) == pytest.approx(
+        sched.level_step_size(int(sched.timesteps[0])) / 2)

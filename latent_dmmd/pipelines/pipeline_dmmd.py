@@ -274,7 +274,7 @@ class DMMDPipeline(DiffusionPipeline):
         def update(grad, k, z):
             score = score_fn(z, timesteps[k]) if score_fn is not None else None
             return sched.step(grad, timesteps[k], z, step_size=step_size, generator=generator, score=score,
-                              **diffflow).prev_sample  # fmt: skip
+                              flow_steps=flow_steps, **diffflow).prev_sample  # fmt: skip
 
         def perturb(z, k):
             scale = sched.injection_scale(k, noise_injection)

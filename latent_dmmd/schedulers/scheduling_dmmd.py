@@ -21,7 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 _CHOICES = {
     "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
     "timestep_spacing": ("linear", "log_snr"),
-    "step_size_schedule": ("constant", "sigma2", "rms"),
+    "step_size_schedule": ("constant", "sigma2", "rms", "level"),
     "particle_mean": ("ensemble", "forward_marginal"),
     "reference": ("cached", "data"),
     "train_timestep_sampling": ("uniform", "log_snr", "grid"),
@@ -80,7 +80,9 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
         timestep_spacing: grid uniform in ``t`` (``"linear"``) or in log-SNR (``"log_snr"``).
         step_size: the flow step ``eta``.
         step_size_schedule: ``"constant"`` eta; ``"sigma2"`` eta·sigma_t²; ``"rms"`` the
-            update normalised by the RMS of the witness gradient, times eta.
+            update normalised by the RMS of the witness gradient, times eta; ``"level"`` the same
+            normalised update sized to the gap to the next level, eta·(sigma_k - sigma_{k+1}) / N_s
+            per step, so a level moves each particle about eta·sqrt(d)·(sigma_k - sigma_{k+1}).
         particle_mean: ``"ensemble"`` or ``"forward_marginal"`` (§5).
         reference: ``"cached"`` statistics stored with the model, or ``"data"`` (exact).
         train_timestep_sampling: how training draws a level per group (§3):
@@ -238,16 +240,22 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = grid.to(device)
         self._level = {int(t): k for k, t in enumerate(self.timesteps)}
 
-    def level_step_size(self, timestep: int, step_size: float | None = None) -> float:
-        """The step size ``eta_t`` at one level (``step_size`` overrides the config's eta)."""
+    def level_step_size(self, timestep: int, step_size: float | None = None, flow_steps: int | None = None) -> float:
+        """The step size ``eta_t`` at one level (``step_size`` overrides the config's eta; ``flow_steps``
+        the config's ``N_s``, which only the ``"level"`` schedule reads)."""
         eta = self.config.step_size if step_size is None else step_size
         if self.config.step_size_schedule == "sigma2":
             return eta * float(1 - self.alphas_cumprod[int(timestep)])
+        if self.config.step_size_schedule == "level":
+            k = self._level[int(timestep)]
+            nxt = int(self.timesteps[k + 1]) if k + 1 < len(self.timesteps) else 0
+            gap = float(1 - self.alphas_cumprod[int(timestep)]) ** 0.5 - float(1 - self.alphas_cumprod[nxt]) ** 0.5
+            return eta * gap / (flow_steps or self.config.flow_steps_per_level)
         return eta
 
-    def step_sizes(self, step_size: float | None = None) -> list[float]:
+    def step_sizes(self, step_size: float | None = None, flow_steps: int | None = None) -> list[float]:
         """The step size ``eta_k`` of every level of the current grid (``step_size`` overrides eta)."""
-        return [self.level_step_size(int(t), step_size) for t in self.timesteps]
+        return [self.level_step_size(int(t), step_size, flow_steps) for t in self.timesteps]
 
     def injection_scale(self, level_index: int, noise_injection: float | None = None) -> float:
         """``beta_k sigma_t`` of noise injection at level ``k`` of the current grid (0: none)."""
@@ -296,6 +304,7 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
         generator: torch.Generator | list[torch.Generator] | None = None,
         score: torch.Tensor | None = None,
         return_dict: bool = True,
+        flow_steps: int | None = None,
         **diffflow,
     ) -> DMMDSchedulerOutput | tuple[torch.Tensor]:
         """One particle update: ``Z <- Z - eta_t (1 - w) G`` plus the DiffFlow noise term.
@@ -310,14 +319,14 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
         if t not in self._level:
             raise ValueError(f"timestep {t} is not on the current grid {self.timesteps.tolist()}; call set_timesteps")
         s = self.diffflow(**diffflow)
-        eta = self.level_step_size(t, step_size)
+        eta = self.level_step_size(t, step_size, flow_steps)
         w = float(s["score_weight"])
         prev = sample
         if w < 1:
             grad = model_output
             if grad is None:
                 raise ValueError("step needs the witness gradient (model_output) unless score_weight is 1")
-            if self.config.step_size_schedule == "rms":
+            if self.config.step_size_schedule in ("rms", "level"):
                 grad = grad / grad.float().square().mean().sqrt().clamp_min(1e-12).to(grad.dtype)
             prev = sample - eta * grad if w == 0 else sample - (eta * (1 - w)) * grad
         g = self.noise_level(t, **diffflow)
