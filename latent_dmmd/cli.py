@@ -111,7 +111,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             raise UserError(f"cannot load the score model {args.score_model}: {str(err).splitlines()[0]}") from err
     pipe.set_progress_bar_config(desc="DMMD flow")
     keys = ("num_inference_steps", "flow_steps_per_level", "step_size", "noise_scale", "noise_schedule", "noise_mode",
-            "score_weight", "noise_injection")  # fmt: skip
+            "score_weight", "noise_injection", "final_denoise")  # fmt: skip
     call = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     start = time.perf_counter()
     images = pipe(num_images=len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds], **call).images
@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="w in [0, 1]: witness drift x (1 - w); needs --noise-mode score")  # fmt: skip
     sample.add_argument("--noise-injection", dest="noise_injection", type=float, default=None,
                         help="beta: witness gradient at z + beta sigma_t u, particles z moved (default: the scheduler config)")  # fmt: skip
+    sample.add_argument("--final-denoise", dest="final_denoise", choices=("none", "tweedie", "flow"), default=None,
+                        help="after the last level: one Tweedie step with --score-model, or more flow steps there")  # fmt: skip
     sample.add_argument("--score-model", dest="score_model", default=None,
                         help="epsilon UNet folder of a DDPM on the same forward process (e.g. <run>/baseline/unet)")  # fmt: skip
     sample.add_argument("--output-dir", default="samples", help="folder for the PNG(s)")

@@ -75,6 +75,7 @@ def sample_flow(
     witness: bool = True,
     kale_lambda: float | None = None,
     perturb: Perturb | None = None,
+    final_steps: int = 0,
 ) -> torch.Tensor:
     """Run the DMMD particle flow of §5 and return the final particles.
 
@@ -99,6 +100,7 @@ def sample_flow(
             ``Z + beta_k sigma_t u`` where the witness gradient is evaluated, while ``Z`` itself is
             moved; the witness stays that of the unperturbed particles (their ensemble mean costs
             one more forward, without backward). ``None`` from it (or no ``perturb``) is the plain flow.
+        final_steps: extra flow steps at the last level (``final_denoise="flow"``).
     """
     if particle_mean not in ("ensemble", "forward_marginal"):
         raise ValueError(f"unknown particle_mean {particle_mean!r}; expected 'ensemble' or 'forward_marginal'")
@@ -112,7 +114,7 @@ def sample_flow(
         update = euler_update(float(update))
     timesteps = [int(t) for t in timesteps]
 
-    total = len(timesteps) * flow_steps
+    total = len(timesteps) * flow_steps + final_steps
     if progress is True:
         bar = tqdm(total=total, desc="DMMD flow")
     elif callable(progress):
@@ -132,7 +134,7 @@ def sample_flow(
                 direction = lambda f, m_p=m_p: f.float().mean(0) - m_p
             else:
                 direction = marginal(k, t[:1]).to(z.device) - reference(k, t[:1]).to(z.device)
-            for _ in range(flow_steps):
+            for _ in range(flow_steps + (final_steps if k == len(timesteps) - 1 else 0)):
                 if witness:
                     at = perturb(z, k) if perturb is not None else None
                     if at is None:

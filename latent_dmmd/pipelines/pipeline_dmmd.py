@@ -205,6 +205,7 @@ class DMMDPipeline(DiffusionPipeline):
         noise_mode: str | None = None,
         score_weight: float | None = None,
         noise_injection: float | None = None,
+        final_denoise: str | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate ``num_images`` images.
 
@@ -231,6 +232,9 @@ class DMMDPipeline(DiffusionPipeline):
                 from ``generator`` after the initial particles.
             noise_injection: ``beta`` of noise injection (method §5; default: the scheduler config):
                 the witness gradient is evaluated at ``z + beta_k sigma_t u``, the particles ``z`` move.
+            final_denoise: ``"none"``, ``"tweedie"`` (one denoising step with ``score_model`` at the last
+                level) or ``"flow"`` (the scheduler's ``final_denoise_steps`` more flow steps there);
+                default: the scheduler config.
         """
         self._check_inputs(num_images, generator, latents, output_type, callback_on_step_end_tensor_inputs)
         device = self._execution_device
@@ -240,6 +244,10 @@ class DMMDPipeline(DiffusionPipeline):
             raise ValueError(f"flow_steps_per_level must be >= 1, got {flow_steps}")
         sched.set_timesteps(num_inference_steps, device=device, timesteps=timesteps)
         timesteps = sched.timesteps
+        final_denoise = final_denoise or sched.config.final_denoise
+        if final_denoise not in ("none", "tweedie", "flow"):
+            raise ValueError(f"final_denoise={final_denoise!r} is not supported; choose 'none', 'tweedie' or 'flow'")
+        tweedie = self._score_function() if final_denoise == "tweedie" else None  # refuses a missing score model
         diffflow = {"noise_scale": noise_scale, "noise_schedule": noise_schedule, "noise_mode": noise_mode,
                     "score_weight": score_weight}  # fmt: skip
         settings = sched.diffflow(**diffflow)
@@ -302,7 +310,12 @@ class DMMDPipeline(DiffusionPipeline):
             witness=settings["score_weight"] < 1,
             kale_lambda=disc.config.kale_lambda if kale else None,
             perturb=perturb,
+            final_steps=sched.config.final_denoise_steps if final_denoise == "flow" else 0,
         )
+        if tweedie is not None:  # Tweedie: E[x0 | z_t] = (z + sigma_t^2 grad log p_t(z)) / alpha_t
+            t_last = int(timesteps[-1])
+            alpha, sigma = (float(v) for v in sched.alpha_sigma(t_last))
+            z = (z + sigma**2 * tweedie(z, t_last)) / alpha
 
         if output_type == "latent":
             images = z

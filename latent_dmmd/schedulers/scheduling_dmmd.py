@@ -28,6 +28,7 @@ _CHOICES = {
     "noise_mode": ("plain", "compensated", "score"),
     "noise_schedule": ("sigma", "constant", "window"),
     "noise_injection_schedule": ("constant", "linear"),
+    "final_denoise": ("none", "tweedie", "flow"),
 }
 
 
@@ -102,6 +103,10 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
             moved; 0 is the plain flow and draws nothing.
         noise_injection_schedule: ``beta_k = beta`` (``"constant"``) or ``beta (T - 1 - k) / (T - 1)``,
             decaying linearly to 0 at the last level (``"linear"``).
+        final_denoise: after the last level, ``"tweedie"``: one denoising step with the pipeline's
+            score model, ``x0 = (z - sigma_t eps_hat(z, t)) / alpha_t`` at the last level;
+            ``"flow"``: ``final_denoise_steps`` more flow steps at the last level; ``"none"``.
+        final_denoise_steps: the extra flow steps of ``final_denoise="flow"``.
     """
 
     order = 1
@@ -131,6 +136,8 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
         score_weight: float = 0.0,
         noise_injection: float = 0.0,
         noise_injection_schedule: str = "constant",
+        final_denoise: str = "none",
+        final_denoise_steps: int = 10,
     ):
         for key, allowed in _CHOICES.items():
             value = locals()[key]
@@ -145,6 +152,8 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
         check_diffflow(noise_scale, noise_schedule, noise_window, noise_mode, score_weight)
         if noise_injection < 0:
             raise ValueError(f"noise_injection must be >= 0, got {noise_injection}")
+        if final_denoise_steps < 0:
+            raise ValueError(f"final_denoise_steps must be >= 0, got {final_denoise_steps}")
 
         if trained_betas is not None:
             self.betas = torch.tensor(trained_betas, dtype=torch.float32)
@@ -344,15 +353,18 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
             return (prev,)
         return DMMDSchedulerOutput(prev_sample=prev)
 
-    def nfe(self, **diffflow) -> dict:
+    def nfe(self, final_denoise: str | None = None, **diffflow) -> dict:
         """Network evaluations of one sample with the current grid: NFE and forward-equivalents."""
-        flows = self.num_inference_steps * self.config.flow_steps_per_level
+        final = final_denoise or self.config.final_denoise
+        extra = self.config.final_denoise_steps if final == "flow" else 0
+        flows = self.num_inference_steps * self.config.flow_steps_per_level + extra
         s = self.diffflow(**diffflow)
         # a flow step is one forward plus one input-gradient backward (~3 forward-equivalents);
-        # the score drift adds one denoiser forward; w = 1 needs no witness
+        # the score drift adds one denoiser forward; w = 1 needs no witness; Tweedie is one forward
         witness = 0 if s["score_weight"] >= 1 else 3
         score = 1 if self.uses_score(**diffflow) else 0
-        return {"nfe": flows, "forward_equivalents": (witness + score) * flows}
+        tweedie = 1 if final == "tweedie" else 0
+        return {"nfe": flows + tweedie, "forward_equivalents": (witness + score) * flows + tweedie}
 
     def __len__(self):
         return self.config.num_train_timesteps
