@@ -93,7 +93,7 @@ def main():
     p.add_argument("--reference", required=True, help="reference images (folder or IDX file)")
     p.add_argument("--reference_first_index", type=int, default=0, help="first reference image")
     p.add_argument("--reference_count", type=int, default=None, help="reference images (default: all)")
-    p.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50, 100], help="NFE values")
+    p.add_argument("--nfe", type=int, nargs="*", default=[10, 20, 50, 100], help="NFE values (none: only --ddpm_full points)")
     p.add_argument("--levels", type=int, nargs="+", default=[5, 10], help="DMMD T values to split each NFE into")
     p.add_argument("--num_samples", type=int, default=500, help="generated images per point")
     p.add_argument("--batch_size", type=int, default=100, help="images per flow / sampler call")
