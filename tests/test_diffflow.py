@@ -212,3 +212,25 @@ def test_final_flow_steps_run_at_the_last_level_and_count():
         pipe(num_images=2, final_denoise="tweedie")
     with pytest.raises(ValueError, match="final_denoise"):
         pipe(num_images=2, final_denoise="twice")
+
+
+def test_witness_and_score_drifts_are_mixed_on_one_scale():
+    """drift_scale='rms' (default): at 0 < w < 1 the witness step is rescaled to the score step's RMS, so at
+    w = 0.5 the witness part of the move is half the score step's size whatever their raw sizes (here
+    1e-3 against 50); 'raw' keeps the raw mix, where the score step owns the move."""
+    sched = DMMDScheduler(num_inference_steps=3, step_size=0.1, noise_mode="score")
+    t = int(sched.timesteps[1])
+    z = torch.zeros(64, 4)
+    g = torch.Generator().manual_seed(0)
+    grad, score = 1e-3 * torch.randn(64, 4, generator=g), 50.0 * torch.randn(64, 4, generator=g)
+    kw = dict(score=score, score_weight=0.5, noise_scale=1.0, noise_schedule="constant")
+    xi = torch.randn(z.shape, generator=torch.Generator().manual_seed(1))  # the noise step() will draw
+    score_step = 0.1 * 0.5 * score  # eta g^2 / 2 grad log p_t, g = 1
+    rms = lambda x: x.square().mean().sqrt()  # noqa: E731
+    moved = sched.step(grad, t, z, generator=torch.Generator().manual_seed(1), **kw).prev_sample
+    witness_part = moved - 0.1**0.5 * xi - score_step
+    assert rms(witness_part) == pytest.approx(0.5 * rms(score_step).item(), rel=1e-4)
+    assert torch.allclose(witness_part / witness_part.norm(), -grad / grad.norm(), atol=1e-5)
+    raw = DMMDScheduler(num_inference_steps=3, step_size=0.1, noise_mode="score", drift_scale="raw")
+    raw_moved = raw.step(grad, t, z, generator=torch.Generator().manual_seed(1), **kw).prev_sample
+    assert torch.allclose(raw_moved - 0.1**0.5 * xi, -0.1 * 0.5 * grad + score_step, atol=1e-4)
