@@ -80,6 +80,23 @@ def gaussian_mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -
     )
 
 
+def random_fourier_features(
+    features: torch.Tensor, bandwidth: torch.Tensor | float, num_features: int, seed: int = 0
+) -> torch.Tensor:
+    """``psi(f) = sqrt(2/R) cos(W f / l + b)`` with ``W ~ N(0, I)`` (R, D) and ``b ~ U[0, 2 pi)`` drawn
+    from ``seed`` (§5 ``kernel="rff_gaussian"``): ``<psi(f), psi(f')>`` is an unbiased estimate of the
+    Gaussian kernel ``exp(-|f - f'|^2 / (2 l^2))``, so a linear-kernel MMD on ``psi`` is a Gaussian-kernel
+    MMD on ``f`` whose means can be cached. ``features`` (N, D); ``bandwidth`` a scalar or (N,) per row.
+    """
+    d = features.shape[-1]
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(num_features, d, generator=gen, dtype=torch.float64).to(features.device, features.dtype)
+    bias = (2 * torch.pi * torch.rand(num_features, generator=gen, dtype=torch.float64)).to(features.device, features.dtype)
+    bw = torch.as_tensor(bandwidth, dtype=features.dtype, device=features.device)
+    bw = bw.view(-1, 1) if bw.dim() else bw
+    return (2.0 / num_features) ** 0.5 * torch.cos(features @ weight.T / bw + bias)
+
+
 def gaussian_mmd2_closed_form(mean_shift: float, std: float, bandwidth: float, dim: int) -> float:
     """Population MMD² between N(0, s²I) and N(m, s²I) under a Gaussian kernel (§6)."""
     l2, s2 = bandwidth**2, std**2

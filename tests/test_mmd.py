@@ -13,6 +13,7 @@ from latent_dmmd.mmd import (
     gaussian_mmd2_unbiased,
     mmd2_unbiased,
     mmd2_unbiased_paired,
+    random_fourier_features,
     witness_gradient,
 )
 
@@ -274,3 +275,25 @@ def test_penalty_on_a_subset_of_interpolates_is_the_mean_over_that_subset():
     x_hat = (u[:, None] * x0 + (1 - u[:, None]) * xt)[subset].requires_grad_(True)
     (grad,) = torch.autograd.grad((phi(x_hat, t[subset]) * gdir[subset]).sum(), x_hat)
     assert torch.allclose(out.gradient_penalty, (grad.norm(dim=1) - 1).square().mean().detach(), atol=1e-6)
+
+
+@pytest.mark.parametrize("num_features", [256, 4096, 65536])
+def test_rff_mmd_approaches_the_exact_gaussian_kernel_mmd_of_the_same_features(num_features):
+    """Paired features (b_i a noisy, shifted copy of a_i, as in training): the linear MMD² of their random
+    Fourier features approaches the exact Gaussian-kernel paired U-statistic (median bandwidth) of the same
+    features as R grows, within 0.5 / sqrt(R) (0.031, 0.0078, 0.0020 against an exact value of 0.080;
+    the largest error over 10 seeds measured 0.018, 0.0052, 0.0014)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(40, 16, generator=g, dtype=torch.float64)
+    b = 0.8 * a + 0.6 * torch.randn(40, 16, generator=g, dtype=torch.float64) + 0.5
+    both = torch.cat([a, b])
+    bandwidth = torch.cdist(both, both).median().item()
+    kernel = lambda x, y: torch.exp(-(x - y).square().sum() / (2 * bandwidth**2))  # noqa: E731
+    exact = brute_force_paired_u(a, b, kernel)
+    rff = mmd2_unbiased_paired(random_fourier_features(a, bandwidth, num_features, seed=3),
+                               random_fourier_features(b, bandwidth, num_features, seed=3))  # fmt: skip
+    assert exact.item() == pytest.approx(0.0804, abs=1e-3)
+    assert abs(rff - exact) < 0.5 / num_features**0.5, (rff.item(), exact.item())
+    # per-row bandwidths broadcast like a scalar one
+    same = random_fourier_features(a, torch.full((40,), bandwidth, dtype=torch.float64), 64, seed=3)
+    assert torch.allclose(same, random_fourier_features(a, bandwidth, 64, seed=3))
