@@ -26,21 +26,25 @@ import torch
 import yaml
 
 
-def benchmark_metrics(pipe, benchmark: str, path: str, resolution: int) -> None:
+def benchmark_metrics(pipe, benchmark: str, path: str, resolution: int, model: str | None = None) -> None:
     """A metrics.json (the ``latent-dmmd evaluate`` format) from the quality benchmark's DMMD row
-    that used this model's saved sampler (T, N_s, step size)."""
+    that used this model's saved sampler (T, N_s, step size); ``model`` picks the row's model name
+    when the benchmark scored several."""
     from latent_dmmd.evaluation import sampling_protocol, write_metrics
 
     with open(benchmark) as f:
         record = json.load(f)
     cfg = pipe.scheduler.config
     rows = [r for r in record["rows"] if r["method"] == "dmmd" and r["levels"] == cfg.num_inference_steps
-            and r["flow_steps"] == cfg.flow_steps_per_level and r.get("step_size") == cfg.step_size]  # fmt: skip
+            and r["flow_steps"] == cfg.flow_steps_per_level and r.get("step_size") == cfg.step_size
+            and (model is None or r.get("model", "dmmd") == model)]  # fmt: skip
     if not rows:
         raise SystemExit(f"{benchmark} has no DMMD row at T={cfg.num_inference_steps}, N_s={cfg.flow_steps_per_level}, "
                          f"eta={cfg.step_size}")  # fmt: skip
     row, a = rows[0], record["args"]
-    protocol = sampling_protocol(pipe, a["dmmd"], row["num_fake"], row["num_real"], resolution,
+    folders = a["dmmd"] if isinstance(a["dmmd"], list) else [a["dmmd"]]  # NAME=FOLDER items, or one folder
+    named = dict(item.split("=", 1) if "=" in item else ("dmmd", item) for item in folders)
+    protocol = sampling_protocol(pipe, named.get(row.get("model", "dmmd"), folders[0]), row["num_fake"], row["num_real"], resolution,
                                  a["reference"], a["reference_first_index"], row["seconds_per_image"] * row["num_fake"],
                                  {}, particles_per_batch=a["batch_size"], seed=a["seed"])  # fmt: skip
     protocol["source"] = benchmark
@@ -56,6 +60,7 @@ def main(argv=None):
     p.add_argument("--metrics", default=None, help="metrics.json of latent-dmmd evaluate for the card")
     p.add_argument("--metrics-from-benchmark", default=None,
                    help="benchmarks/results/quality_*.json instead: its DMMD row at the model's own sampler settings")  # fmt: skip
+    p.add_argument("--benchmark-model", default=None, help="the model name of the row to take (several in one benchmark)")
     p.add_argument("--sample-grid", action="store_true", help="write samples.png (16 images, seed 0) into the folder")
     p.add_argument("--dataset", nargs="+", default=None, help="dataset ids for the card metadata")
     p.add_argument("--data-terms", default=None, help="terms of the training data, stated under limitations")
@@ -87,7 +92,7 @@ def main(argv=None):
             metrics = args.metrics
             if args.metrics_from_benchmark:
                 metrics = os.path.join(scratch, "metrics.json")
-                benchmark_metrics(pipe, args.metrics_from_benchmark, metrics, resolution)
+                benchmark_metrics(pipe, args.metrics_from_benchmark, metrics, resolution, args.benchmark_model)
             write_model_card(
                 tmp, config, info, metrics_file=metrics, sample_grid="samples.png" if args.sample_grid else None,
                 datasets=args.dataset, data_terms=args.data_terms, vae_note=args.vae_note,
