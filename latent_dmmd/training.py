@@ -126,8 +126,8 @@ class TrainConfig:
     mixed_precision: str = _f("no", "no or bf16 (CPU and GPU); fp16 needs CUDA")
     use_ema: bool = _f(True, "keep an EMA of the weights (used for sampling and statistics)")
     ema_decay: float = _f(0.999, "EMA decay (the largest decay, with --ema_warmup)")
-    ema_warmup: bool = _f(True, "EMA warm-up: decay 1 - (1 + step / ema_inv_gamma)^-ema_power, capped at --ema_decay, "
-                                "so that short runs are not anchored to the initial weights")
+    ema_warmup: bool = _f(True, "EMA warm-up of diffusers' training scripts: decay 1 - (1 + step / ema_inv_gamma)"
+                                "^-ema_power, capped at --ema_decay (off: EMAModel's own ramp (1 + step) / (10 + step))")
     ema_inv_gamma: float = _f(1.0, "inverse gamma of the EMA warm-up")
     ema_power: float = _f(2 / 3, "power of the EMA warm-up")
     max_bad_steps: int = _f(10, "stop after this many consecutive steps with NaN/inf loss or gradients")
@@ -303,7 +303,7 @@ def training_batch(
     index = batch["index"]
     flip = None
     if flip_all is not None:
-        flip = torch.full((len(index), 1, 1, 1), bool(flip_all)) if flip_all else None
+        flip = torch.ones((len(index), 1, 1, 1), dtype=torch.bool) if flip_all else None
     elif config.random_flip and step >= 0:
         flip = (keyed_rand([(config.seed, "flip", step, micro, int(i)) for i in index]) < 0.5).view(-1, 1, 1, 1)
     if "pixel_values" in batch:
@@ -850,16 +850,16 @@ def heldout_samples(config: TrainConfig, dataset, accelerator, train_vae=None) -
 
 
 @torch.no_grad()
-def level_mmd(phi, x0: torch.Tensor, timesteps, scheduler, seed: int = 0, batch_size: int = 64) -> list[dict]:
-    """Unbiased paired MMD²_t between clean ``x0`` and their forward-noised copies at every level of
+def level_mmd(phi: torch.nn.Module, x0: torch.Tensor, timesteps, scheduler, seed: int = 0, batch_size: int = 64) -> list[dict]:
+    """Unbiased paired MMD²_t of the features ``phi`` (a discriminator) between clean ``x0`` and their
+    forward-noised copies at every level of
     ``timesteps`` (noise keyed by sample and level), with the mean feature norm of each side."""
     from .mmd import mmd2_unbiased_paired
 
-    rows = []
+    rows, device = [], next(phi.parameters()).device
     for t in [int(t) for t in timesteps]:
         a, b = [], []
         for first, chunk in zip(range(0, len(x0), batch_size), x0.split(batch_size)):
-            device = next(iter(phi.parameters())).device if isinstance(phi, torch.nn.Module) else chunk.device
             chunk = chunk.to(device)
             tt = torch.full((len(chunk),), t, dtype=torch.long, device=device)
             eps = keyed_randn([(seed, "eval", first + i, t) for i in range(len(chunk))], chunk.shape[1:], device=device)
