@@ -146,8 +146,10 @@ def main():
     if args.reuse_dmmd:  # DMMD rows of an earlier run with the same protocol (e.g. to redo the baselines)
         with open(args.reuse_dmmd) as f:  # a results JSON, or the JSON lines a run printed
             text = f.read()
-        found = json.loads(text)["rows"] if text.lstrip().startswith('{"benchmark"') else [
-            json.loads(line) for line in text.splitlines() if line.startswith("{")]  # fmt: skip
+        try:
+            found = json.loads(text)["rows"]
+        except json.JSONDecodeError:
+            found = [json.loads(line) for line in text.splitlines() if line.startswith('{"')]
         rows = [r for r in found if r["method"] == "dmmd"]
     else:
         rows = []
