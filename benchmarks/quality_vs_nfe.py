@@ -48,6 +48,7 @@ def dmmd_points(pipe, nfes, levels_list, args, metric, stats_data, model="dmmd")
             m = metric.compute()
             rows.append({"method": "dmmd", "model": model, "nfe": n, "levels": t, "flow_steps": n // t,
                          "forward_equivalents": 3 * n, "step_size": pipe.scheduler.config.step_size,
+                         "step_size_schedule": pipe.scheduler.config.step_size_schedule,
                          "noise_memory_r2": noise_memory(particles["initial"], particles["final"])["r2"],
                          "seconds_per_image": seconds / args.num_samples, **m})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)

@@ -66,13 +66,31 @@ def step_size(record) -> str:
     return table(["eta", "FID (vs training images)", "KID", "recall"], rows)
 
 
+def epsilon_mse(record) -> str:
+    curves = record["curves"]
+    names = list(curves)
+    levels = [r["t"] for r in curves[names[0]]]
+    rows = [[t, *(f"{curves[n][k]['eps_mse']:.3f}" for n in names)] for k, t in enumerate(levels)]
+    return table(["level t", *(f"epsilon MSE ({n})" for n in names)], rows)
+
+
+def selection(record) -> str:
+    rows = []
+    for name, m in record["models"].items():
+        for r in m["rows"]:
+            best = " (chosen)" if r == m["best"] else ""
+            rows.append([name, r["schedule"], r["eta"], f"{r['energy_distance_train']:.3f}{best}"])
+    return table(["model", "step-size schedule", "eta", "energy distance to training latents"], rows)
+
+
 def main():
     for name in sys.argv[1:]:
         with open(os.path.join(RESULTS, name + ".json")) as f:
             record = json.load(f)
         kind = record["benchmark"]
         render = (quality if kind.startswith("FID/KID vs NFE") else step_size if kind.startswith("step size")
-                  else flow if kind == "flow diagnostics" else sweep)  # fmt: skip
+                  else flow if kind == "flow diagnostics" else epsilon_mse if kind.startswith("DDPM baseline")
+                  else selection if kind.startswith("sampler selection") else sweep)  # fmt: skip
         print(f"### {name}\n\n{render(record)}\n")
 
 

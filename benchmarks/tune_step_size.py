@@ -24,6 +24,8 @@ def main():
     p.add_argument("--reference_first_index", type=int, default=0)
     p.add_argument("--reference_count", type=int, default=1000)
     p.add_argument("--step_sizes", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
+    p.add_argument("--step_size_schedule", default=None, choices=["constant", "sigma2", "rms", "level"],
+                   help="the schedule the step sizes are tried with (default: the model's)")
     p.add_argument("--levels", type=int, default=10, help="T")
     p.add_argument("--flow_steps", type=int, default=2, help="N_s")
     p.add_argument("--num_samples", type=int, default=300)
@@ -37,6 +39,8 @@ def main():
 
     pipe = DMMDPipeline.from_pretrained(args.dmmd)
     pipe.set_progress_bar_config(disable=True)
+    if args.step_size_schedule:
+        pipe.scheduler.register_to_config(step_size_schedule=args.step_size_schedule)
     metric = FIDKID(kid_subset_size=min(100, args.num_samples))
     for batch in reference_images(args.reference, output_resolution(pipe), args.reference_first_index,
                                   args.reference_count):  # fmt: skip
@@ -47,7 +51,8 @@ def main():
                                    flow_steps_per_level=args.flow_steps, step_size=eta)  # fmt: skip
         metric.reset_fake()
         metric.update(images, real=False)
-        rows.append({"step_size": eta, "levels": args.levels, "flow_steps": args.flow_steps,
+        rows.append({"step_size": eta, "step_size_schedule": pipe.scheduler.config.step_size_schedule,
+                     "levels": args.levels, "flow_steps": args.flow_steps,
                      "seconds_per_image": seconds / args.num_samples, **metric.compute()})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     best = min(rows, key=lambda r: r["fid"])

@@ -1,0 +1,59 @@
+"""Pick each DMMD model's step-size rule on *training* latents, before any held-out number.
+
+    python benchmarks/select_sampler.py --cache outputs/cache_celebahq64 \
+        --pipeline old_loss_1000=outputs/c64_arm_old/pipeline --pipeline balanced_2753=outputs/c64_dmmd/pipeline \
+        --name sampler_selection_celebahq64
+
+For every pipeline and every (schedule, eta) of --candidates: the energy distance (a bandwidth-free
+MMD) between 128 particles after T x N_s flow steps and 256 training latents of the latent cache.
+Cheap enough to run for every model of an ablation, so that each is scored with its own best sampler.
+Writes benchmarks/results/<name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from common import write
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pipeline", action="append", required=True, help="NAME=FOLDER (repeatable)")
+    p.add_argument("--cache", required=True, help="the latent cache of the training data")
+    p.add_argument("--candidates", nargs="+", default=["constant:1", "sigma2:3", "sigma2:10", "sigma2:30"],
+                   help="SCHEDULE:ETA pairs")  # fmt: skip
+    p.add_argument("--levels", type=int, default=10, help="T")
+    p.add_argument("--flow_steps", type=int, default=2, help="N_s")
+    p.add_argument("--num_images", type=int, default=128, help="particles")
+    p.add_argument("--name", default="sampler_selection", help="output file stem in benchmarks/results")
+    args = p.parse_args()
+
+    from latent_dmmd import DMMDPipeline
+    from latent_dmmd.data import LatentCacheDataset
+    from latent_dmmd.mmd import energy_distance
+
+    train = LatentCacheDataset(args.cache).tensors["mean"]
+    ref = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:256]]
+    out = {}
+    for item in args.pipeline:
+        name, folder = item.split("=", 1)
+        pipe = DMMDPipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        rows = []
+        for candidate in args.candidates:
+            schedule, eta = candidate.split(":")
+            pipe.scheduler.register_to_config(step_size_schedule=schedule)
+            z = pipe(num_images=args.num_images, generator=torch.Generator().manual_seed(1), output_type="latent",
+                     num_inference_steps=args.levels, flow_steps_per_level=args.flow_steps, step_size=float(eta)).images  # fmt: skip
+            rows.append({"schedule": schedule, "eta": float(eta), "energy_distance_train": float(energy_distance(z, ref))})
+            print(name, json.dumps(rows[-1]), flush=True)
+        out[name] = {"rows": rows, "best": min(rows, key=lambda r: r["energy_distance_train"])}
+    print("wrote", write(args.name, {"benchmark": "sampler selection on training latents", "args": vars(args),
+                                     "models": out}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
