@@ -68,7 +68,7 @@ def baseline_points(folder, nfes, args, metric, stats_data=None):
     rows, clip = [], args.clip_sample_range
     if clip is None:  # pixels lie in [-1, 1] (diffusers' default clipping); latents: their training range
         clip = 1.0 if vae is None else (float(stats_data.abs().max()) if stats_data is not None else None)
-    for kind in ("ddim", "ddpm"):
+    for kind in args.baseline_kinds:
         sched = baseline_scheduler(betas, kind, clip_sample_range=clip, timestep_spacing=args.timestep_spacing)
         for n in nfes + (args.ddpm_full if kind == "ddpm" else []):
             start, chunks = time.perf_counter(), []
@@ -107,6 +107,8 @@ def main():
     p.add_argument("--reuse_dmmd", default=None, help="results JSON (or printed JSON lines) whose DMMD rows are reused, not recomputed")
     p.add_argument("--timestep_spacing", default="trailing", choices=["leading", "trailing", "linspace"],
                    help="baselines' diffusers timestep spacing (trailing starts every run at t = 999)")
+    p.add_argument("--baseline_kinds", nargs="+", default=["ddim", "ddpm"], choices=["ddim", "ddpm"],
+                   help="which baseline samplers to score")
     p.add_argument("--ddpm_full", type=int, nargs="*", default=[],
                    help="extra DDPM-only NFE points (e.g. 1000: the full ancestral chain, the sanity check)")
     p.add_argument("--name", default="quality_vs_nfe", help="output file stem in benchmarks/results")
