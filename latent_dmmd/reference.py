@@ -28,9 +28,13 @@ class ReferenceStatistics:
     count: int  # number of data samples behind each mean
 
 
-def weights_fingerprint(module: torch.nn.Module, exclude_prefix: str = "reference_") -> str:
+def weights_fingerprint(
+    module: torch.nn.Module, exclude_prefix: str = "reference_", via: torch.dtype | None = None
+) -> str:
     """SHA-256 of a module's parameters, rounded to bfloat16 so ``.to(bf16)`` is not "stale".
 
+    ``via=torch.float16`` rounds through float16 first: the fingerprint that the same weights
+    have after ``.to(float16)`` (fp16 then bf16 is not always bf16 directly: double rounding).
     Buffers whose name starts with ``exclude_prefix`` (the statistics themselves) are left out.
     """
     digest = hashlib.sha256()
@@ -39,7 +43,10 @@ def weights_fingerprint(module: torch.nn.Module, exclude_prefix: str = "referenc
     ]
     for name, tensor in sorted(tensors, key=lambda item: item[0]):
         digest.update(name.encode())
-        values = tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
+        values = tensor.detach().to("cpu")
+        if via is not None and values.is_floating_point():
+            values = values.to(via)
+        values = values.to(torch.bfloat16).contiguous().view(torch.int16)
         digest.update(values.numpy().tobytes())
     return digest.hexdigest()
 
@@ -54,6 +61,7 @@ def compute_reference_statistics(
     generator: torch.Generator | None = None,
     reduce=None,
     progress: bool = False,
+    total: int | None = None,
 ) -> ReferenceStatistics:
     """Compute ``m_P(t_k)`` and ``m_Pt(t_k)`` for every level ``t_k`` of ``timesteps``.
 
@@ -62,15 +70,18 @@ def compute_reference_statistics(
     given, from a generator seeded by ``(*key, level)`` (so the split of the data does not matter). Sums are accumulated in float64. ``reduce(sum_tensor) -> sum_tensor`` is
     applied to the sums and the count before dividing, which is how several processes
     agree (``accelerator.reduce(x, "sum")``): the result equals one process seeing all data.
+    ``progress`` shows a bar over samples (``total`` of them, when known).
     """
     timesteps = torch.as_tensor(timesteps, dtype=torch.long).cpu()
     acp = alphas_cumprod[timesteps].float()
     alpha, sigma = acp.sqrt(), (1 - acp).sqrt()
     sum_data = sum_noised = None
     count = 0
-    for item in tqdm(batches, desc="reference statistics", disable=not progress):
+    bar = tqdm(total=total, desc="reference statistics", unit="sample", disable=not progress)
+    for item in batches:
         x0, keys = item if isinstance(item, (tuple, list)) else (item, None)
         n = x0.shape[0]
+        bar.update(n)
         for k, t in enumerate(timesteps):
             t_batch = torch.full((n,), int(t), device=x0.device, dtype=torch.long)
             if keys is None:
@@ -86,6 +97,7 @@ def compute_reference_statistics(
             sum_data[k] += f_data
             sum_noised[k] += f_noised
         count += n
+    bar.close()
     if sum_data is None:
         raise ValueError("no data: cannot compute reference statistics from an empty dataset")
     count_t = torch.tensor([float(count)], dtype=torch.float64, device=sum_data.device)

@@ -50,7 +50,10 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
         projection_dim: learned linear map of the features to this size (None: none).
         num_reference_levels: number of levels of the stored reference statistics
             (set by ``set_reference_statistics``; 0 means none stored yet).
-        reference_fingerprint: SHA-256 of the weights the statistics were computed with.
+        reference_fingerprint: SHA-256 of the weights the statistics were computed with (bf16-rounded,
+            so a bf16 cast still matches).
+        reference_fingerprint_fp16: the same weights' fingerprint after a float16 cast (fp16 then bf16
+            rounding differs from bf16 rounding for a few percent of the weights).
         reference_count: number of data samples behind the statistics.
         reference_vae: class, scaling/shift factors and latent channels of the autoencoder whose
             latents the statistics describe (None in pixel space).
@@ -79,6 +82,7 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
         projection_dim: int | None = None,
         num_reference_levels: int = 0,
         reference_fingerprint: str | None = None,
+        reference_fingerprint_fp16: str | None = None,
         reference_count: int = 0,
         reference_vae: dict | None = None,
         objective: str = "mmd",
@@ -131,6 +135,32 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
         out = self.unet(sample, timestep).sample
         return self.projection(self.pool(out).flatten(1))
 
+    def set_attention_slice(self, slice_size: int | str | None) -> None:
+        """Attention in slices of ``slice_size`` heads (``"auto"``: half of them, ``"max"``: one at a
+        time, ``None``: PyTorch's fused attention again); what ``pipe.enable_attention_slicing()`` calls."""
+        from diffusers.models.attention_processor import Attention, AttnProcessor2_0, SlicedAttnProcessor
+
+        class SlicedAttention(SlicedAttnProcessor):
+            """diffusers' sliced attention, taking the ``temb`` UNet2DModel passes (unused: no spatial norm)."""
+
+            def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask)
+
+        layers = [m for m in self.modules() if isinstance(m, Attention)]
+        for layer in layers:
+            heads = layer.sliceable_head_dim
+            if slice_size == "auto":
+                size = max(1, heads // 2)
+            elif slice_size == "max":
+                size = 1
+            elif slice_size is None or isinstance(slice_size, int):
+                size = slice_size
+            else:
+                raise ValueError(f"slice_size must be 'auto', 'max', an int or None, got {slice_size!r}")
+            if size is not None and not 1 <= size <= heads:
+                raise ValueError(f"slice_size {size} must be between 1 and the {heads} heads of {type(layer).__name__}")
+            layer.set_processor(AttnProcessor2_0() if size is None else SlicedAttention(size))
+
     def critic(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> torch.Tensor:
         """The clipped KALE critic ``h(sample, timestep)`` of shape (B,) (``objective="kale"``)."""
         from ..kale import clip_critic
@@ -149,14 +179,18 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
         self.register_buffer("reference_mean_data", torch.zeros(levels, d, device=device), keep)
         self.register_buffer("reference_mean_noised", torch.zeros(levels, d, device=device), keep)
 
-    def weights_fingerprint(self) -> str:
+    def weights_fingerprint(self, via: torch.dtype | None = None) -> str:
         """``weights_fingerprint`` of this model, cached until a parameter changes (version counters)."""
-        state = tuple((id(p), p._version, p.dtype, p.device) for p in self.parameters())
-        cached = getattr(self, "_fingerprint_cache", None)
-        if cached is None or cached[0] != state:
-            cached = (state, weights_fingerprint(self))
-            self._fingerprint_cache = cached
-        return cached[1]
+        state = (via, tuple((id(p), p._version, p.dtype, p.device) for p in self.parameters()))
+        cache = self.__dict__.setdefault("_fingerprint_cache", {})
+        if cache.get(via, (None,))[0] != state:
+            cache[via] = (state, weights_fingerprint(self, via=via))
+        return cache[via][1]
+
+    def statistics_are_current(self) -> bool:
+        """Whether the stored statistics were computed with these weights, in any of fp32, bf16 or fp16."""
+        stored = {self.config.reference_fingerprint, self.config.reference_fingerprint_fp16} - {None}
+        return self.weights_fingerprint() in stored
 
     @property
     def has_reference_statistics(self) -> bool:
@@ -176,6 +210,7 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
         self.register_to_config(
             num_reference_levels=len(stats.timesteps),
             reference_fingerprint=self.weights_fingerprint(),
+            reference_fingerprint_fp16=self.weights_fingerprint(via=torch.float16),
             reference_count=int(stats.count),
             reference_vae=vae_contract(vae),
         )
@@ -203,7 +238,7 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
                 "latent_dmmd.reference.compute_reference_statistics and store them with "
                 "discriminator.set_reference_statistics(...), or sample with reference='data'"
             )
-        if self.weights_fingerprint() != self.config.reference_fingerprint:
+        if not self.statistics_are_current():
             raise ValueError(
                 "stale reference statistics: the discriminator weights changed after the statistics were "
                 "computed; recompute them for the current weights"
