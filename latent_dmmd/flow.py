@@ -76,6 +76,7 @@ def sample_flow(
     kale_lambda: float | None = None,
     perturb: Perturb | None = None,
     final_steps: int = 0,
+    interrupt: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """Run the DMMD particle flow of §5 and return the final particles.
 
@@ -101,6 +102,8 @@ def sample_flow(
             moved; the witness stays that of the unperturbed particles (their ensemble mean costs
             one more forward, without backward). ``None`` from it (or no ``perturb``) is the plain flow.
         final_steps: extra flow steps at the last level (``final_denoise="flow"``).
+        interrupt: checked before every flow step; once it returns True the flow stops and the
+            particles are returned as they are (diffusers' ``pipe._interrupt``).
     """
     if particle_mean not in ("ensemble", "forward_marginal"):
         raise ValueError(f"unknown particle_mean {particle_mean!r}; expected 'ensemble' or 'forward_marginal'")
@@ -135,6 +138,8 @@ def sample_flow(
             else:
                 direction = marginal(k, t[:1]).to(z.device) - reference(k, t[:1]).to(z.device)
             for _ in range(flow_steps + (final_steps if k == len(timesteps) - 1 else 0)):
+                if interrupt is not None and interrupt():
+                    return z
                 if witness:
                     at = perturb(z, k) if perturb is not None else None
                     if at is None:

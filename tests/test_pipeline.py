@@ -186,6 +186,26 @@ def test_num_images_must_be_a_positive_integer(pipe, n):
         pipe(num_images=n)
 
 
+def test_numpy_integers_are_integers(pipe):
+    out = pipe(num_images=np.int64(2), num_inference_steps=np.int64(3), flow_steps_per_level=np.int32(1), output_type="latent")
+    assert out.images.shape[0] == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"flow_steps_per_level": 0}, "flow_steps_per_level"),  # 0 was silently replaced by the config's N_s
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"step_size": float("nan")}, "step_size"),
+        ({"step_size": float("inf")}, "step_size"),
+        ({"noise_scale": float("nan")}, "noise_scale"),
+    ],
+)
+def test_zero_and_non_finite_sampler_settings_are_refused(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe(num_images=2, **kwargs)
+
+
 def test_generator_list_of_wrong_length(pipe):
     with pytest.raises(ValueError, match="generators"):
         pipe(num_images=3, generator=[torch.Generator()] * 2)

@@ -6,6 +6,7 @@ VAE decodes at the end). The particle loop itself is ``latent_dmmd.flow.sample_f
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
@@ -76,6 +77,8 @@ class DMMDPipeline(DiffusionPipeline):
         """
         folder = str(pretrained_model_name_or_path)
         if not os.path.isdir(folder):
+            if looks_like_local_path(folder):
+                raise FileNotFoundError(f"no such folder: {folder} (and it is not a Hub id of the form user/name)")
             folder = cls.download(folder, **kwargs)
             kwargs = {k: v for k, v in kwargs.items() if k not in ("revision", "cache_dir", "token", "force_download")}
         check_pipeline_folder(folder, allow_pickle=allow_pickle)
@@ -118,6 +121,16 @@ class DMMDPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ helpers
     @property
+    def num_timesteps(self) -> int:
+        """Flow steps of the last call (T·N_s, plus final flow steps): the callback's step runs over range(num_timesteps)."""
+        return getattr(self, "_num_timesteps", 0)
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` (e.g. in a callback) to stop the flow; the particles are decoded as they are."""
+        return getattr(self, "_interrupt", False)
+
+    @property
     def particle_shape(self) -> tuple[int, int, int]:
         c = self.discriminator.config
         return (c.in_channels, c.sample_size, c.sample_size)
@@ -128,7 +141,7 @@ class DMMDPipeline(DiffusionPipeline):
                 "DMMDPipeline cannot run under torch.inference_mode(): the flow needs the input gradient of the "
                 "discriminator; call it outside inference_mode (no_grad is fine)"
             )
-        if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
+        if not _is_int(num_images) or num_images < 1:
             raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
         if isinstance(generator, list) and len(generator) != num_images:
             raise ValueError(f"got a list of {len(generator)} generators for num_images={num_images}; give one per image")
@@ -222,8 +235,11 @@ class DMMDPipeline(DiffusionPipeline):
             latents: initial particles ``(num_images, C, H, W)`` instead of fresh noise.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (the raw particles).
             return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
-            callback_on_step_end: ``fn(pipe, step, timestep, {"latents": z}) -> dict``, after each
-                flow step; a returned ``"latents"`` replaces the particles.
+            callback_on_step_end: ``fn(pipe, step, timestep, {"latents": z}) -> dict`` (or a diffusers
+                ``PipelineCallback``), called after every flow step, not once per level: ``step`` runs over
+                ``range(pipe.num_timesteps)`` (T·N_s steps) and ``timestep`` repeats for the N_s steps of a
+                level. A returned ``"latents"`` replaces the particles; setting ``pipe._interrupt = True``
+                stops the flow and decodes the particles as they are.
             reference_data: clean data in particle space, needed when the scheduler's
                 ``reference`` is ``"data"`` (the exact, uncached reference means).
             noise_scale, noise_schedule, noise_mode, score_weight: the DiffFlow sampler of
@@ -236,15 +252,25 @@ class DMMDPipeline(DiffusionPipeline):
                 level) or ``"flow"`` (the scheduler's ``final_denoise_steps`` more flow steps there);
                 default: the scheduler config.
         """
+        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self._check_inputs(num_images, generator, latents, output_type, callback_on_step_end_tensor_inputs)
         device = self._execution_device
         disc, sched = self.discriminator, self.scheduler
-        flow_steps = flow_steps_per_level or sched.config.flow_steps_per_level
-        if flow_steps < 1:
-            raise ValueError(f"flow_steps_per_level must be >= 1, got {flow_steps}")
+        flow_steps = sched.config.flow_steps_per_level if flow_steps_per_level is None else flow_steps_per_level
+        if not _is_int(flow_steps) or flow_steps < 1:
+            raise ValueError(f"flow_steps_per_level must be an integer >= 1, got {flow_steps!r}")
+        for name, value in (("step_size", step_size), ("noise_scale", noise_scale), ("noise_injection", noise_injection),
+                            ("score_weight", score_weight)):  # fmt: skip
+            if value is not None and not (_is_real(value) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         sched.set_timesteps(num_inference_steps, device=device, timesteps=timesteps)
         timesteps = sched.timesteps
         final_denoise = final_denoise or sched.config.final_denoise
+        self._num_timesteps = len(timesteps) * int(flow_steps) + (sched.config.final_denoise_steps if final_denoise == "flow" else 0)
+        self._interrupt = False
         if final_denoise not in ("none", "tweedie", "flow"):
             raise ValueError(f"final_denoise={final_denoise!r} is not supported; choose 'none', 'tweedie' or 'flow'")
         tweedie = self._score_function() if final_denoise == "tweedie" else None  # refuses a missing score model
@@ -293,8 +319,9 @@ class DMMDPipeline(DiffusionPipeline):
         def callback(step, k, t, z):
             if callback_on_step_end is None:
                 return None
-            out = callback_on_step_end(self, step, t, {"latents": z}) or {}
-            return out.get("latents")
+            tensors = {"latents": z}
+            out = callback_on_step_end(self, step, t, {name: tensors[name] for name in callback_on_step_end_tensor_inputs})
+            return (out or {}).get("latents")
 
         z = sample_flow(
             phi,
@@ -311,6 +338,7 @@ class DMMDPipeline(DiffusionPipeline):
             kale_lambda=disc.config.kale_lambda if kale else None,
             perturb=perturb,
             final_steps=sched.config.final_denoise_steps if final_denoise == "flow" else 0,
+            interrupt=lambda: self.interrupt,
         )
         if tweedie is not None:  # Tweedie: E[x0 | z_t] = (z + sigma_t^2 grad log p_t(z)) / alpha_t
             t_last = int(timesteps[-1])
@@ -326,6 +354,27 @@ class DMMDPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+
+def _is_int(value) -> bool:
+    """A Python or NumPy integer (not a bool)."""
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    import numbers
+
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def looks_like_local_path(name: str) -> bool:
+    """A name meant as a folder rather than a Hub id: starts like a path, has more than one ``/``,
+    exists as a file, or its first component is a folder here (``models/fashion-mnist-dmm``)."""
+    if name.startswith((".", "/", "~")) or name.count("/") != 1 or os.path.exists(name) or os.sep != "/" and os.sep in name:
+        return True
+    return os.path.isdir(name.split("/")[0])
 
 
 SHIM = '''"""Loader shim: lets plain diffusers load this folder with `custom_pipeline` and

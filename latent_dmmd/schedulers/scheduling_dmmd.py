@@ -250,9 +250,11 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
             if grid.numel() < 1 or (grid[:-1] <= grid[1:]).any() or grid.min() < 0 or grid.max() >= n:
                 raise ValueError(f"timesteps must be strictly decreasing levels in [0, {n - 1}], got {grid.tolist()}")
         else:
-            num_inference_steps = num_inference_steps or self.config.num_inference_steps
-            if num_inference_steps < 1:
-                raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+            if num_inference_steps is None:
+                num_inference_steps = self.config.num_inference_steps
+            if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
+                raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+            num_inference_steps = int(num_inference_steps)
             grid = self.grid(num_inference_steps)
         self.num_inference_steps = len(grid)
         self.timesteps = grid.to(device)
