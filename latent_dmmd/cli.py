@@ -13,6 +13,7 @@ import sys
 import time
 
 from . import __version__
+from .argparsing import FlagParser
 
 # the Fashion-MNIST pipeline shipped in the repository (pixel space: no autoencoder to fetch)
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "fashion-mnist-dmmd")
@@ -78,13 +79,22 @@ def cmd_demo(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------- sample
 
 
-def _load_pipeline(model: str):
+def _load_pipeline(model: str, vae: str | None = None):
     from .pipelines import DMMDPipeline
+    from .pipelines.pipeline_dmmd import looks_like_local_path
 
-    if not os.path.isdir(model) and (os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") != 1):
-        raise UserError(f"{model} is neither a pipeline folder nor a Hub id (user/name)")
+    if not os.path.isdir(model) and looks_like_local_path(model):
+        raise UserError(f"no such folder: {model} (and it is not a Hub id of the form user/name)")
+    kwargs = {}
+    if vae:
+        from .autoencoders import load_autoencoder
+
+        try:
+            kwargs["vae"] = load_autoencoder(vae)
+        except OSError as err:
+            raise UserError(f"cannot load the autoencoder {vae}: {str(err).splitlines()[0]}") from err
     try:
-        return DMMDPipeline.from_pretrained(model)
+        return DMMDPipeline.from_pretrained(model, **kwargs)
     except OSError as err:
         raise UserError(f"cannot load {model}: {str(err).splitlines()[0]}") from err
 
@@ -93,7 +103,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
     if args.seeds and args.num_images != len(args.seeds) and args.num_images_given:
-        raise UserError(f"--num-images {args.num_images} does not match the {len(args.seeds)} --seeds")
+        raise UserError(f"--num_images {args.num_images} does not match the {len(args.seeds)} --seeds")
     seeds = args.seeds or [args.seed + i for i in range(args.num_images)]
     os.makedirs(args.output_dir, exist_ok=True)
     if args.model is None:
@@ -101,7 +111,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             raise UserError(f"the shipped model is not at {DEFAULT_MODEL} (installed without the repository?): "
                             "pass a pipeline folder or Hub id")  # fmt: skip
         args.model = DEFAULT_MODEL
-    pipe = _load_pipeline(args.model)
+    pipe = _load_pipeline(args.model, args.vae)
     if args.score_model:
         from diffusers import UNet2DModel
 
@@ -135,6 +145,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> None:
+    if "-h" in rest or "--help" in rest:
+        from .training import build_parser as training_parser
+
+        training_parser(prog="latent-dmmd train", parents=[train_launcher_parser()]).print_help()
+        return
     if args.num_processes == 1:
         from .training import main as train_main
 
@@ -159,13 +174,15 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> None:
 def cmd_cache(args: argparse.Namespace, rest: list[str]) -> None:
     from .training import cache_main
 
-    cache_main(rest)
+    cache_main(rest, prog="latent-dmmd cache-latents")
 
 
 def cmd_evaluate(args: argparse.Namespace, rest: list[str]) -> None:
     from .evaluation import evaluate_main
 
-    record = evaluate_main(rest)
+    record = evaluate_main(rest, prog="latent-dmmd evaluate")
+    if record is None:  # --help
+        return
     m = record["metrics"]
     print(f"FID {m['fid']:.2f}  KID {m['kid']:.4f} ± {m['kid_std']:.4f}  ({m['num_fake']} generated vs {m['num_real']} reference)")
 
@@ -212,15 +229,16 @@ PASS_THROUGH = {"train": cmd_train, "cache-latents": cmd_cache, "evaluate": cmd_
 
 def train_launcher_parser() -> argparse.ArgumentParser:
     """The one flag ``latent-dmmd train`` reads itself; the rest goes to the training script."""
-    p = argparse.ArgumentParser(prog="latent-dmmd train", add_help=False)
-    p.add_argument("--num-processes", type=_positive_int, default=1,
+    p = FlagParser(prog="latent-dmmd train", add_help=False)
+    p.add_argument("--num_processes", type=_positive_int, default=1,
                    help="processes: GPUs with CUDA (accelerate), else CPU processes (gloo, torchrun)")  # fmt: skip
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="latent-dmmd", formatter_class=fmt,
+    from .argparsing import HelpFormatter as fmt
+
+    parser = FlagParser(prog="latent-dmmd",
                                      description="DMMD: generative modelling with the diffusion MMD gradient flow.")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"latent_dmmd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -240,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "Fashion-MNIST model, models/fashion-mnist-dmmd)")  # fmt: skip
     sample.add_argument("--num-images", type=_positive_int, default=8, help="images (particles) generated together")
     sample.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    sample.add_argument("--seeds", type=int, nargs="+", help="explicit per-image seeds (overrides --seed/--num-images)")
+    sample.add_argument("--seeds", type=int, nargs="+", help="explicit per-image seeds (overrides --seed/--num_images)")
     sample.add_argument("--num-inference-steps", dest="num_inference_steps", type=_positive_int, default=None,
                         help="T noise levels (default: the model's scheduler config)")  # fmt: skip
     sample.add_argument("--flow-steps-per-level", dest="flow_steps_per_level", type=_positive_int, default=None,
@@ -261,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="after the last level: one Tweedie step with --score-model, or more flow steps there")  # fmt: skip
     sample.add_argument("--score-model", dest="score_model", default=None,
                         help="epsilon UNet folder of a DDPM on the same forward process (e.g. <run>/baseline/unet)")  # fmt: skip
+    sample.add_argument("--vae", default=None,
+                        help="autoencoder of a latent model that ships without one: a diffusers folder or Hub id, "
+                             "or a TAEF2 folder (e.g. ../shared/weights/taef2)")  # fmt: skip
     sample.add_argument("--output-dir", default="samples", help="folder for the PNG(s)")
     sample.add_argument("--no-grid", dest="grid", action="store_false", help="one PNG per image instead of a grid")
     sample.add_argument("--nrow", type=_positive_int, default=8, help="images per grid row")
@@ -306,11 +327,14 @@ def main(argv: list[str] | None = None) -> int:
                 known, rest = train_launcher_parser().parse_known_args(rest)
             else:
                 known = argparse.Namespace()
-            PASS_THROUGH[command](known, rest)
+            try:
+                PASS_THROUGH[command](known, rest)
+            except SystemExit as stop:  # argparse's --help (0) or usage error (2) in the sub-command
+                return stop.code if isinstance(stop.code, int) else 2
             return 0
         args = parser.parse_args(argv)
         if command == "sample":
-            args.num_images_given = "--num-images" in argv
+            args.num_images_given = any(a.split("=")[0] in ("--num-images", "--num_images") for a in argv)
         args.func(args)
     except (UserError, ValueError, FileNotFoundError, ImportError) as err:
         print(f"latent-dmmd {command}: error: {err}", file=sys.stderr)

@@ -247,7 +247,8 @@ def reference_images(path: str, resolution: int, first_index: int = 0, count: in
 
 
 def generate(
-    pipe, num_samples: int, batch_size: int, seed: int = 0, particles: dict | None = None, **call_kwargs
+    pipe, num_samples: int, batch_size: int, seed: int = 0, particles: dict | None = None, progress: bool = False,
+    **call_kwargs,
 ) -> tuple[torch.Tensor, float]:
     """``num_samples`` images as uint8, generated ``batch_size`` particles at a time; returns (images, seconds).
 
@@ -256,8 +257,10 @@ def generate(
     for ``diagnostics.noise_memory``.
     """
     from diffusers.utils.torch_utils import randn_tensor
+    from tqdm.auto import tqdm
 
     out, start, first_z, last_z = [], time.perf_counter(), [], []
+    bar = tqdm(total=num_samples, desc="sampling", unit="img", disable=not progress)
     for b, first in enumerate(range(0, num_samples, batch_size)):
         n = min(batch_size, num_samples - first)
         gens = [torch.Generator().manual_seed(seed + first + i) for i in range(n)]
@@ -270,6 +273,8 @@ def generate(
         if particles is not None:
             last_z[:] = [*last_z[: len(first_z) - 1], last_z[-1]]  # keep each batch's final particles only
         out.append(to_uint8(images.cpu()))
+        bar.update(n)
+    bar.close()
     if particles is not None:
         particles["initial"], particles["final"] = torch.cat(first_z), torch.cat(last_z)
     return torch.cat(out), time.perf_counter() - start
@@ -308,13 +313,16 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8) -> np.ndarray:
     return grid
 
 
-def evaluate_main(argv: list[str] | None = None) -> dict:
-    """``scripts/evaluate.py`` / ``latent-dmmd evaluate``: FID and KID of a pipeline against a reference set."""
-    import argparse
+def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> dict | None:
+    """``scripts/evaluate.py`` / ``latent-dmmd evaluate``: FID and KID of a pipeline against a reference set
+    (None after ``--help``)."""
+    from .argparsing import FlagParser
 
-    p = argparse.ArgumentParser(description="FID/KID of a DMMD pipeline against a reference image set",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p = FlagParser(prog=prog, description="FID/KID of a DMMD pipeline against a reference image set")
     p.add_argument("model", help="pipeline folder or Hub id")
+    p.add_argument("--vae", default=None,
+                   help="autoencoder of a latent model that ships without one: a diffusers folder or Hub id, or a "
+                        "TAEF2 folder (e.g. ../shared/weights/taef2)")  # fmt: skip
     p.add_argument("--reference", required=True, help="reference images: a folder (recursive) or an IDX file")
     p.add_argument("--reference_first_index", type=int, default=0, help="first reference image (e.g. 3500 for the held-out faces)")
     p.add_argument("--reference_count", type=int, default=None, help="number of reference images (default: all)")
@@ -326,18 +334,38 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0, help="first per-image seed")
     p.add_argument("--kid_subset_size", type=int, default=100, help="KID subset size (capped by the set sizes)")
     p.add_argument("--output", default="metrics.json", help="metrics JSON to write; a sample grid goes next to it")
-    args = p.parse_args(argv)
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as stop:
+        if stop.code == 0:  # --help
+            return None
+        raise
+
+    from tqdm.auto import tqdm
 
     from .pipelines import DMMDPipeline
 
-    pipe = DMMDPipeline.from_pretrained(args.model)
+    if not os.path.exists(args.reference):
+        raise FileNotFoundError(f"no such reference set: {args.reference}")
+    vae = None
+    if args.vae:
+        from .autoencoders import load_autoencoder
+
+        vae = load_autoencoder(args.vae)
+    pipe = DMMDPipeline.from_pretrained(args.model, **({"vae": vae} if vae is not None else {}))
     pipe.set_progress_bar_config(disable=True)
     call = {k: getattr(args, k) for k in ("num_inference_steps", "flow_steps_per_level", "step_size") if getattr(args, k)}
-    fake, seconds = generate(pipe, args.num_samples, args.batch_size, args.seed, **call)
+    fake, seconds = generate(pipe, args.num_samples, args.batch_size, args.seed, progress=True, **call)
     metric = FIDKID(kid_subset_size=args.kid_subset_size)
-    for batch in reference_images(args.reference, fake.shape[-1], args.reference_first_index, args.reference_count):
-        metric.update(batch, real=True)
-    metric.update(fake, real=False)
+    real = reference_images(args.reference, fake.shape[-1], args.reference_first_index, args.reference_count)
+    with tqdm(desc="Inception: reference images", unit="img") as bar:
+        for batch in real:
+            metric.update(batch, real=True)
+            bar.update(batch.shape[0])
+    with tqdm(total=len(fake), desc="Inception: generated images", unit="img") as bar:
+        for batch in fake.split(100):
+            metric.update(batch, real=False)
+            bar.update(batch.shape[0])
     results = metric.compute()
     protocol = sampling_protocol(pipe, args.model, args.num_samples, results["num_real"], int(fake.shape[-1]),
                                  args.reference, args.reference_first_index, seconds, call,

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -245,10 +246,14 @@ def _field_type(f: dataclasses.Field):
     return str
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser(prog: str | None = None, parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
+    """The training flags (one per ``TrainConfig`` field; ``--a_b`` and ``--a-b`` both work)."""
+    from .argparsing import FlagParser
+
+    parser = FlagParser(
+        prog=prog,
+        parents=list(parents),
         description="Train a DMMD discriminator (pixel or latent space). Flags override the YAML --config.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", help="YAML file whose keys are the flag names below")
     for f in fields(TrainConfig):
@@ -260,14 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs.update(nargs="?", const=True, type=_parse_bool)
         else:
             kwargs["type"] = _field_type(f)
-        kwargs["help"] += f" (default: {f.default})"
+        if "default" not in kwargs["help"]:  # a help that says what the default means keeps its own words
+            kwargs["help"] += f" (default: {f.default})"
+        kwargs["help"] = kwargs["help"].replace("%", "%%")
         parser.add_argument(f"--{f.name}", **kwargs)
     return parser
 
 
-def load_config(argv: list[str] | None = None) -> TrainConfig:
+def load_config(argv: list[str] | None = None, prog: str | None = None) -> TrainConfig:
     """YAML config, then CLI overrides; unknown YAML keys are an error naming the key."""
-    args = vars(build_parser().parse_args(argv))
+    args = vars(build_parser(prog).parse_args(argv))
     values: dict = {}
     config_path = args.pop("config", None)
     if config_path:
@@ -277,6 +284,13 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown key(s) in {config_path}: {', '.join(unknown)}")
+        types = {f.name: _field_type(f) for f in fields(TrainConfig)}
+        for key, value in values.items():  # YAML 1.1 reads 1e-4 (no dot) as a string
+            if isinstance(value, str) and types[key] in (int, float, _parse_bool):
+                try:
+                    values[key] = types[key](value)
+                except (ValueError, argparse.ArgumentTypeError) as err:
+                    raise ValueError(f"{config_path}: {key}: expected a number, got {value!r}") from err
     values.update(args)
     config = TrainConfig(**values)
     config.validate()
@@ -477,6 +491,7 @@ def distributed_reference_statistics(accelerator, model, dataset, scheduler, con
     return compute_reference_statistics(
         model, batches(), scheduler.timesteps, scheduler.alphas_cumprod,
         reduce=lambda x: accelerator.reduce(x, reduction="sum"), progress=accelerator.is_local_main_process,
+        total=len(mine) * (2 if config.random_flip else 1),
     )  # fmt: skip
 
 
@@ -555,6 +570,19 @@ def build_models(config: TrainConfig, sample_size: int, in_channels: int):
     return model, scheduler
 
 
+def check_distributed_type(kind: str, config: TrainConfig) -> None:
+    """Refuse sharded training for the DMMD objective: the gradient penalty runs its own forward
+    (and double backward) through the unwrapped module, which under FSDP or DeepSpeed ZeRO holds
+    only a shard of each parameter. DDP (what ``accelerate launch --multi_gpu`` and
+    ``--num_machines`` use) is the supported way to scale out; discriminators here fit one device."""
+    if kind in ("FSDP", "DEEPSPEED") and config.method == "dmmd" and config.lambda_gp > 0:
+        raise ValueError(
+            f"{kind} is not supported for DMMD training with a gradient penalty (its double backward goes through "
+            "the unwrapped, sharded module); use DDP (accelerate config: multi-GPU / multi-node without FSDP or "
+            "DeepSpeed), or --method ddpm"
+        )
+
+
 def main(argv: list[str] | None = None) -> str | None:
     """Train, checkpoint, and export a pipeline folder; returns its path (None for --dry_run)."""
     config = load_config(argv)
@@ -588,6 +616,7 @@ def main(argv: list[str] | None = None) -> str | None:
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_local_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    check_distributed_type(accelerator.distributed_type.value, config)
     set_seed(config.seed)
     if accelerator.is_main_process:
         os.makedirs(config.output_dir, exist_ok=True)
@@ -940,11 +969,11 @@ def export_pipeline(accelerator, model, ema, scheduler, dataset, config: TrainCo
     return folder
 
 
-def cache_main(argv: list[str] | None = None) -> str:
+def cache_main(argv: list[str] | None = None, prog: str | None = None) -> str:
     """Build (or check) the latent cache of a config and report its size and throughput."""
     from accelerate import Accelerator
 
-    config = load_config(argv)
+    config = load_config(argv, prog)
     if not config.latent:
         raise ValueError("caching latents needs --pretrained_vae")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())

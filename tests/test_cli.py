@@ -1,6 +1,7 @@
 """The ``latent-dmmd`` command line: the README's main command on a tiny setting, clear errors."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -24,7 +25,7 @@ def test_missing_output_folder_is_one_line_and_exit_2(tmp_path, capsys):
 
 def test_console_script_help():
     proc = subprocess.run([sys.executable, "-m", "latent_dmmd.cli", "demo", "--help"], capture_output=True, text=True)
-    assert proc.returncode == 0 and "--train-steps" in proc.stdout and "default" in proc.stdout
+    assert proc.returncode == 0 and "--train_steps" in proc.stdout and "default" in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "latent_dmmd.cli", "demo", "--train-steps", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "must be >= 1" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -67,7 +68,7 @@ def test_sample_writes_a_grid_or_one_png_per_seed(saved_pipeline, tmp_path, caps
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["sample", "/no/such/folder"], "neither a pipeline folder nor a Hub id"),
+        (["sample", "/no/such/folder"], "no such folder"),
         (["card", "/no/such/folder"], "not a pipeline folder"),
         (["push", "/no/such/folder", "me/x"], "pipeline folder not found"),
     ],
@@ -147,3 +148,101 @@ def test_shipped_latent_model_samples_faces_with_taef2_attached():
     images = pipe(num_images=2, num_inference_steps=10, flow_steps_per_level=1, output_type="pt",
                   generator=torch.Generator().manual_seed(0)).images  # fmt: skip
     assert images.shape == (2, 3, 64, 64) and 0 <= images.min() and images.max() <= 1 and images.std() > 0.05
+
+
+# ---------------------------------------------------------------------------- what a diffusers user expects
+
+
+def test_both_flag_spellings_work_and_help_documents_one(saved_pipeline, tmp_path, capsys):
+    from latent_dmmd.cli import build_parser
+
+    dash = build_parser().parse_args(["sample", "--num-images", "3", "--output-dir", "x", "--no-grid"])
+    under = build_parser().parse_args(["sample", "--num_images", "3", "--output_dir", "x", "--no_grid"])
+    assert vars(dash) == vars(under) and dash.num_images == 3 and dash.grid is False
+    assert main(["sample", str(saved_pipeline), "--num_images", "2", "--seeds", "1", "2", "--output_dir", str(tmp_path)]) == 0
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--num_images" in help_text and "--num-images" not in help_text
+
+
+@pytest.mark.parametrize("command", ["train", "cache-latents", "evaluate"])
+def test_subcommand_help_names_the_subcommand_and_states_each_default_once(command, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: latent-dmmd {command} ")
+    blocks = re.split(r"\n  (?=-)", out.split("options:", 1)[1])  # one block per flag
+    assert len(blocks) > 5
+    for block in blocks:
+        assert block.count("(default:") <= 1, block  # each default stated once
+    if command == "train":
+        assert "--num_processes" in out and "--learning_rate" in out
+
+
+def test_sample_help_has_no_bogus_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: the model's scheduler config) (default: None)" not in out and "(default: None)" not in out
+    no_grid = out.split("--no_grid", 1)[1].split("--nrow", 1)[0]
+    assert "default" not in no_grid
+
+
+def test_a_mistyped_local_path_says_no_such_folder(tmp_path, capsys, monkeypatch):
+    from latent_dmmd import DMMDPipeline
+
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", "models/fashion-mnist-dmm"]) == 2
+    assert "no such folder: models/fashion-mnist-dmm" in capsys.readouterr().err
+    for name in ("models/fashion-mnist-dmm", "outputs/run/pipeline", "./nope"):
+        with pytest.raises(FileNotFoundError, match="no such folder"):
+            DMMDPipeline.from_pretrained(name)
+
+
+def test_card_refresh_on_a_copied_folder_keeps_what_the_card_said(tmp_path):
+    """A shipped model copied elsewhere has no ../config.yaml: `card` must keep its training table,
+    metrics, datasets metadata, sample image and limitations instead of writing None."""
+    import shutil
+
+    from latent_dmmd.cli import DEFAULT_MODEL
+
+    folder = tmp_path / "copy"
+    shutil.copytree(DEFAULT_MODEL, folder)
+    before = (folder / "README.md").read_text()
+    assert main(["card", str(folder)]) == 0
+    after = (folder / "README.md").read_text()
+    assert "| None |" not in after and "custom" not in after.split("---", 2)[1]
+    for kept in ("![samples](samples.png)", "datasets:", "name: FID", "| data | /usr/share/datasets/fashion-mnist |"):
+        assert (kept in before) == (kept in after), kept
+    assert main(["card", str(folder)]) == 0  # idempotent
+    assert (folder / "README.md").read_text() == after
+
+
+def test_cli_samples_and_evaluates_the_celeba_model_with_vae(tmp_path, capfd):
+    """The shipped CelebA model from the command line: `--vae ../shared/weights/taef2`."""
+    from .conftest import CELEBA_DIR, TAEF2_DIR
+
+    if not (os.path.isdir(TAEF2_DIR) and os.path.isdir(CELEBA_DIR)):
+        pytest.skip(f"TAEF2 weights or CelebA-HQ faces not found under {os.path.dirname(TAEF2_DIR)}/..")
+    from latent_dmmd.evaluation import inception_path
+
+    try:
+        inception_path()
+    except ImportError as err:
+        pytest.skip(str(err))
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "celebahq-taef2-64-dmmd")
+    assert main(["sample", folder, "--vae", TAEF2_DIR, "--num_images", "2", "--flow_steps_per_level", "1",
+                 "--output_dir", str(tmp_path)]) == 0  # fmt: skip
+    from PIL import Image
+
+    assert Image.open(tmp_path / "grid.png").size == (128, 64)
+    out = tmp_path / "metrics.json"
+    assert main(["evaluate", folder, "--vae", TAEF2_DIR, "--reference", CELEBA_DIR, "--reference_first_index", "3500",
+                 "--reference_count", "6", "--num_samples", "4", "--batch_size", "4", "--flow_steps_per_level", "1",
+                 "--kid_subset_size", "3", "--output", str(out)]) == 0  # fmt: skip
+    record = json.loads(out.read_text())
+    assert record["metrics"]["num_fake"] == 4 and record["metrics"]["num_real"] == 6
+    err = capfd.readouterr().err
+    for bar in ("sampling", "Inception: reference images", "Inception: generated images"):
+        assert bar in err, bar  # evaluate shows its progress

@@ -61,6 +61,22 @@ def test_config_file_overrides_and_errors(tmp_path, capsys):
     assert "learning_rate: 0.0001" in capsys.readouterr().out
 
 
+def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
+    """PyYAML reads `1e-4` as a string (YAML 1.1 wants `1.0e-4`); the config takes it as the number."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train_data_dir: x\nlearning_rate: 1e-4\nmax_train_steps: '20'\nuse_ema: 'false'\n")
+    config = load_config(["--config", str(cfg)])
+    assert config.learning_rate == 1e-4 and config.max_train_steps == 20 and config.use_ema is False
+    cfg.write_text("train_data_dir: x\nlearning_rate: fast\n")
+    with pytest.raises(ValueError, match="learning_rate: expected a number"):
+        load_config(["--config", str(cfg)])
+
+
+def test_dashed_training_flags_are_accepted():
+    config = load_config(["--train-data-dir", "x", "--learning-rate", "0.125", "--train_batch_size", "32"])
+    assert config.learning_rate == 0.125 and config.train_batch_size == 32
+
+
 def test_pixel_smoke_training_skips_corrupt_images_and_exports_a_pipeline(tmp_path):
     folder = run(tmp_path)
     summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
@@ -286,3 +302,14 @@ def test_lazy_and_subsampled_penalty_follow_the_step_index():
     assert not torch.allclose(a.gradient_penalty, dmmd_step_loss(disc, sched, x0, index, full, 3, 0).gradient_penalty)
     with pytest.raises(ValueError, match="gp_fraction"):
         load_config(["--train_data_dir", "x", "--gp_fraction", "0"])
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharded_training_is_refused_for_the_penalised_dmmd_objective(kind):
+    from latent_dmmd.training import check_distributed_type
+
+    config = load_config(["--train_data_dir", "x"])
+    with pytest.raises(ValueError, match=f"{kind} is not supported.*use DDP"):
+        check_distributed_type(kind, config)
+    check_distributed_type("MULTI_CPU", config)  # DDP over gloo: the tested path
+    check_distributed_type(kind, load_config(["--train_data_dir", "x", "--method", "ddpm"]))
