@@ -84,6 +84,47 @@ def _objective(cfg: dict) -> str:
             f"{cfg.get('lambda_l2', 1e-3)}, gradient penalty {cfg.get('lambda_gp', 1.0)}")
 
 
+# what a card said, kept in the card itself (an HTML comment, invisible on the Hub) so that a
+# refresh without the run's config keeps it
+CARD_STATE = "<!-- latent_dmmd card: {} -->"
+
+
+def _previous_card(path: str) -> dict:
+    """What an existing card says: its saved state, or for older cards the training table, the
+    metrics table, the protocol line and the sample image read from the text; plus its metadata."""
+    if not os.path.isfile(path):
+        return {}
+    import re
+
+    card = ModelCard.load(path)
+    found = re.search(r"<!-- latent_dmmd card: (.*) -->", card.text)
+    state = json.loads(found.group(1)) if found else {}
+    if not found:
+        sections = re.split(r"^## ", card.text, flags=re.M)
+        for section in sections:
+            title, _, body = section.partition("\n")
+            rows = dict(re.findall(r"^\| ([^|]+?) \| (.+?) \|$", body, flags=re.M))
+            rows = {k: v for k, v in rows.items() if k not in ("metric", "---", "") and set(v) != {"-", " "}}
+            if title.strip() == "Training":
+                state["training"] = rows
+            elif title.strip() == "Limitations":  # the template's two fixed bullets come first
+                bullets = re.findall(r"^- (.*(?:\n  .*)*)", body, flags=re.M)
+                state["limitations"] = [b.replace("\n  ", " ") for b in bullets[2:]]
+            elif title.strip() == "Evaluation":
+                state["metrics"] = rows
+                protocol = re.search(r"^Protocol: (.*)$", body, flags=re.M)
+                state["protocol"] = protocol.group(1) if protocol else ""
+        image = re.search(r"^!\[samples\]\((.+?)\)$", card.text, flags=re.M)
+        state["sample_grid"] = image.group(1) if image else None
+        note = re.search(r"^\*\*Autoencoder\.\*\* (.*)$", card.text, flags=re.M)
+        state["vae_note"] = note.group(1) if note else None
+    data = card.data
+    state["datasets"] = data.datasets
+    state["eval_results"] = data.eval_results
+    state["model_name"] = data.model_name
+    return state
+
+
 def write_model_card(
     folder: str,
     config=None,
@@ -126,6 +167,8 @@ def write_model_card(
         has_vae = (json.load(f).get("vae") or [None])[0] is not None
     space = "latent" if has_vae or disc.get("reference_vae") else "pixel"  # a latent model may ship without its VAE
     repo = repo_id or cfg.get("hub_model_id") or "path/to/this/folder"
+    previous = _previous_card(os.path.join(folder, "README.md"))
+    name = name or (None if repo_id else previous.get("model_name"))
     model_name = name or repo.split("/")[-1]
 
     metrics, protocol, eval_results = {}, "", None
@@ -156,6 +199,38 @@ def write_model_card(
         model_name=model_name if eval_results else None,
         eval_results=eval_results,
     )
+    steps = info.get("train_steps") or cfg.get("max_train_steps")
+    budget = f" (wall-clock budget {cfg['max_train_minutes']:g} min)" if cfg.get("max_train_minutes") else ""
+    training = {
+        "data": cfg.get("train_data_dir") or cfg.get("dataset_name"),
+        "resolution": cfg.get("resolution"),
+        "autoencoder": cfg.get("pretrained_vae") or ("none (pixel space)" if space == "pixel" else None),
+        "discriminator": f"UNet2DModel backbone, block_out_channels {disc.get('block_out_channels')}, feature dim "
+        f"{disc.get('projection_dim') or 'flattened output'}",
+        "objective": _objective(cfg) if cfg else None,
+        "steps × batch": f"{steps} × {cfg.get('train_batch_size')} ({info.get('num_processes', 1)} process(es))"
+        if steps and cfg.get("train_batch_size") else None,
+        "wall-clock": f"{info['train_seconds']} s{budget}" if info.get("train_seconds") else None,
+        "reference statistics": f"over {disc.get('reference_count')} training samples"
+        + (" (each image and its mirror image)" if cfg.get("random_flip") else ""),
+    }
+    # a refresh without the run's config (a copied folder) keeps what the card already said
+    for key, value in previous.get("training", {}).items():
+        if training.get(key) is None or not cfg:
+            training[key] = value
+    training = {k: ("see the training config" if v is None else v) for k, v in training.items()}
+    if not metrics and previous.get("metrics"):
+        metrics, protocol = previous["metrics"], previous.get("protocol", "")
+    if card_data.datasets is None and previous.get("datasets"):
+        card_data.datasets = previous["datasets"]
+    if not card_data.eval_results and previous.get("eval_results"):
+        card_data.eval_results, card_data.model_name = previous["eval_results"], previous.get("model_name")
+    sample_grid = sample_grid or previous.get("sample_grid")
+    vae_note = vae_note or previous.get("vae_note")
+    data_terms = data_terms or previous.get("data_terms")
+    limitations = limitations or previous.get("limitations") or []
+    keep = {"training": training, "metrics": metrics, "protocol": protocol, "sample_grid": sample_grid,
+            "vae_note": vae_note, "data_terms": data_terms, "limitations": limitations}  # fmt: skip
     card = ModelCard.from_template(
         card_data,
         template_str=_template(),
@@ -164,18 +239,7 @@ def write_model_card(
         repo_id=repo,
         vae_note=vae_note,
         sample_grid=sample_grid,
-        data=cfg.get("train_data_dir") or cfg.get("dataset_name") or "see the training config",
-        resolution=cfg.get("resolution"),
-        vae=cfg.get("pretrained_vae") or ("none (pixel space)" if space == "pixel" else "see vae/config.json"),
-        discriminator=f"UNet2DModel backbone, block_out_channels {disc.get('block_out_channels')}, feature dim "
-        f"{disc.get('projection_dim') or 'flattened output'}",
-        objective=_objective(cfg),
-        flips=bool(cfg.get("random_flip")),
-        steps=cfg.get("max_train_steps"),
-        batch=cfg.get("train_batch_size"),
-        processes=info.get("num_processes", 1),
-        seconds=info.get("train_seconds"),
-        reference_count=disc.get("reference_count"),
+        training=training,
         metrics=metrics,
         protocol=protocol,
         levels=sched.config.num_inference_steps,
@@ -186,10 +250,9 @@ def write_model_card(
         particle_mean=sched.config.particle_mean,
         reference=sched.config.reference,
         data_terms=data_terms,
-        limitations=limitations or [],
-        budget=f"{cfg['max_train_minutes']:g} min" if cfg.get("max_train_minutes") else None,
-        steps_done=info.get("train_steps"),
+        limitations=limitations,
     )
+    card.text = card.text.rstrip() + "\n\n" + CARD_STATE.format(json.dumps(keep, ensure_ascii=False)) + "\n"
     path = os.path.join(folder, "README.md")
     card.save(path)
     return path
