@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+from yaml import YAMLError
+
 from . import __version__
 from .argparsing import FlagParser
 
@@ -105,6 +107,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.seeds and args.num_images != len(args.seeds) and args.num_images_given:
         raise UserError(f"--num_images {args.num_images} does not match the {len(args.seeds)} --seeds")
     seeds = args.seeds or [args.seed + i for i in range(args.num_images)]
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UserError(f"--output_dir {args.output_dir} is a file, not a folder")
     os.makedirs(args.output_dir, exist_ok=True)
     if args.model is None:
         if not os.path.isdir(DEFAULT_MODEL):
@@ -336,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "sample":
             args.num_images_given = any(a.split("=")[0] in ("--num-images", "--num_images") for a in argv)
         args.func(args)
-    except (UserError, ValueError, FileNotFoundError, ImportError) as err:
+    except (UserError, ValueError, OSError, ImportError, FloatingPointError, YAMLError) as err:
         print(f"latent-dmmd {command}: error: {err}", file=sys.stderr)
         return 2
     return 0

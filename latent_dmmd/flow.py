@@ -159,4 +159,9 @@ def sample_flow(
                 step += 1
                 if pbar is not None:
                     pbar.update()
+            if not torch.isfinite(z).all():
+                raise FloatingPointError(
+                    f"the particles became non-finite (NaN or inf) at level {k} (t = {t_int}): the step size is too "
+                    f"large for this model, or its weights or statistics are damaged"
+                )
     return z

@@ -31,6 +31,10 @@ def files_to_upload(folder: str) -> list[str]:
     chosen = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith((".", "checkpoint-", "logs"))]
+        for name in dirs + files:  # never upload through a link: its target may be anything (a private key)
+            if os.path.islink(os.path.join(root, name)):
+                raise ValueError(f"{os.path.join(root, name)} is a symbolic link; push uploads regular files only: "
+                                 "replace the link by the file it points to, or remove it")  # fmt: skip
         for name in files:
             rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
             if any(fnmatch.fnmatch(rel, p) for p in NEVER_UPLOAD):

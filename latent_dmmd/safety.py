@@ -13,6 +13,8 @@ import os
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 CHECKSUMS = "checksums.json"
+CHECKSUMS_KEY = "_checksums"  # in model_index.json: this folder was saved with checksums
+MAX_CHECKSUMS_BYTES = 1 << 20
 
 
 def _sha256(path: str) -> str:
@@ -26,7 +28,7 @@ def _sha256(path: str) -> str:
 def weight_files(folder: str) -> list[str]:
     """Relative paths of every safetensors and pickle file in a pipeline folder."""
     found = []
-    for root, _, files in os.walk(folder):
+    for root, _, files in os.walk(folder, followlinks=True):  # a symlinked component is checked like any other
         for name in files:
             if name.endswith(".safetensors") or name.endswith(PICKLE_SUFFIXES):
                 found.append(os.path.relpath(os.path.join(root, name), folder))
@@ -34,12 +36,51 @@ def weight_files(folder: str) -> list[str]:
 
 
 def write_checksums(folder: str) -> str:
-    """Record the SHA-256 of every safetensors file (what ``save_pretrained`` wrote)."""
+    """Record the SHA-256 of every safetensors file (what ``save_pretrained`` wrote), and note in
+    ``model_index.json`` that the folder has them, so a deleted ``checksums.json`` is noticed."""
     sums = {rel: _sha256(os.path.join(folder, rel)) for rel in weight_files(folder) if rel.endswith(".safetensors")}
     path = os.path.join(folder, CHECKSUMS)
     with open(path, "w") as f:
         json.dump(sums, f, indent=2, sort_keys=True)
+    index = os.path.join(folder, "model_index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            spec = json.load(f)
+        if spec.get(CHECKSUMS_KEY) != CHECKSUMS:
+            spec[CHECKSUMS_KEY] = CHECKSUMS
+            with open(index, "w") as f:
+                json.dump(spec, f, indent=2, sort_keys=True)
+                f.write("\n")
     return path
+
+
+def read_checksums(folder: str, safetensors: list[str]) -> dict[str, str]:
+    """The recorded checksums, or {} for a folder that never had any (saved by another tool).
+
+    A ``checksums.json`` that ``model_index.json`` says was written but is missing, that is not a
+    regular file (a link to ``/dev/zero``, a folder), that does not parse, or that leaves out a
+    safetensors file of the folder is an error: a check that cannot run must not pass.
+    """
+    path = os.path.join(folder, CHECKSUMS)
+    with open(os.path.join(folder, "model_index.json")) as f:
+        promised = json.load(f).get(CHECKSUMS_KEY) is not None
+    if not os.path.lexists(path):
+        if promised:
+            raise ValueError(f"{path} is missing, but the folder was saved with checksums: its weights cannot be verified")
+        return {}
+    if not os.path.isfile(path) or os.path.getsize(path) > MAX_CHECKSUMS_BYTES:
+        raise ValueError(f"{path} is not a regular checksums file (a link to a device, a folder, or too large)")
+    try:
+        with open(path) as f:
+            sums = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is unreadable: {err}") from err
+    if not isinstance(sums, dict) or not all(isinstance(v, str) and len(v) == 64 for v in sums.values()):
+        raise ValueError(f"{path} is not a map of file names to SHA-256 digests")
+    unlisted = [rel for rel in safetensors if rel.replace(os.sep, "/") not in sums and rel not in sums]
+    if unlisted:
+        raise ValueError(f"{os.path.join(folder, unlisted[0])} is not listed in {CHECKSUMS}: the folder was changed after it was saved")
+    return sums
 
 
 def components(folder: str) -> list[str]:
@@ -65,17 +106,16 @@ def check_pipeline_folder(folder: str, allow_pickle: bool = False) -> None:
                 "latent_dmmd loads safetensors only; pass allow_pickle=True to from_pretrained only for "
                 "files you trust"
             )
-    sums = {}
-    if os.path.isfile(os.path.join(folder, CHECKSUMS)):
-        with open(os.path.join(folder, CHECKSUMS)) as f:
-            sums = json.load(f)
-    for rel in (f for f in files if f.endswith(".safetensors")):
+    safetensors = [f for f in files if f.endswith(".safetensors")]
+    sums = read_checksums(folder, safetensors)
+    for rel in safetensors:
         path = os.path.join(folder, rel)
         try:
             with safe_open(path, "pt") as st:
                 shapes = {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
         except Exception as err:
             raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted): {err}") from err
+        rel = rel.replace(os.sep, "/") if rel.replace(os.sep, "/") in sums else rel
         if rel in sums and _sha256(path) != sums[rel]:
             raise ValueError(f"{path} does not match its checksum in {CHECKSUMS}: the file is corrupted")
         _check_shapes(folder, rel, path, shapes)

@@ -219,9 +219,13 @@ class TrainConfig:
             raise ValueError(f"--gp_fraction must be in (0, 1], got {self.gp_fraction}")
         if self.objective == "kale" and self.gp_fraction < 1:
             raise ValueError("--gp_fraction is for the MMD objective; the KALE critic's penalty runs on every interpolate")
-        for name in ("max_train_steps", "gradient_accumulation_steps", "checkpointing_steps", "log_every", "gp_every"):
+        for name in ("max_train_steps", "gradient_accumulation_steps", "checkpointing_steps", "log_every", "gp_every",
+                     "resolution", "train_batch_size"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1")
+        for name in ("learning_rate", "lambda_gp", "lambda_l2"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be a finite number >= 0, got {getattr(self, name)}")
 
 
 # ---------------------------------------------------------------------------- config parsing
@@ -279,7 +283,12 @@ def load_config(argv: list[str] | None = None, prog: str | None = None) -> Train
     config_path = args.pop("config", None)
     if config_path:
         with open(config_path) as f:
-            values = yaml.safe_load(f) or {}
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(f"{config_path} is not valid YAML: {str(err).splitlines()[0]}") from err
+        if not isinstance(values, dict):
+            raise ValueError(f"{config_path} must be a mapping of flag names to values")
         known = {f.name for f in fields(TrainConfig)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -631,7 +640,9 @@ def main(argv: list[str] | None = None) -> str | None:
         sample_shape = tuple(dataset.tensors["mean"].shape[1:])
     else:
         dataset = _image_dataset(config)
-        probe = next(item for item in (dataset[i] for i in range(len(dataset))) if item is not None)
+        probe = next((item for item in (dataset[i] for i in range(len(dataset))) if item is not None), None)
+        if probe is None:
+            raise ValueError(f"no readable image in {config.train_data_dir or config.dataset_name}: every file was skipped")
         sample_shape = tuple(probe["pixel_values"].shape)
         if config.latent:  # no cache: the VAE stays in memory and encodes every batch
             from .autoencoders import encode_images, load_autoencoder, vae_identity

@@ -89,8 +89,8 @@ def test_plain_diffusers_never_runs_folder_code_without_trust_remote_code(saved,
     (saved / "pipeline.py").write_text(f"open({str(marker)!r}, 'w')\nfrom latent_dmmd import DMMDPipeline\n")
     with pytest.raises(Exception):
         DiffusionPipeline.from_pretrained(saved, custom_pipeline=str(saved))
-    with pytest.raises(Exception):
-        DiffusionPipeline.from_pretrained(saved)
+    # without custom_pipeline, the class `import latent_dmmd` registered with diffusers is used: still no folder code
+    assert isinstance(DiffusionPipeline.from_pretrained(saved), DMMDPipeline)
     assert not marker.exists()
 
 
@@ -231,3 +231,75 @@ def test_statistics_made_with_another_autoencoder_are_refused(tmp_path):
     pipe.vae = make(0.18215)
     with pytest.raises(ValueError, match="another autoencoder.*scaling_factor: statistics 0.5, pipeline VAE 0.18215"):
         pipe(num_images=1, output_type="latent")
+
+
+# ---------------------------------------------------------------------------- round 2: links, checksums, non-finite values
+
+
+def test_a_symlinked_component_with_flipped_weights_fails_its_checksum(saved, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    os.rename(saved / "discriminator", elsewhere)
+    os.symlink(elsewhere, saved / "discriminator")
+    data = bytearray((elsewhere / "diffusion_pytorch_model.safetensors").read_bytes())
+    data[-100] ^= 0xFF
+    (elsewhere / "diffusion_pytorch_model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        DMMDPipeline.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("fault", ["dev_zero", "empty", "deleted", "folder", "unlisted"])
+def test_a_checksums_file_that_cannot_vouch_is_an_error(saved, fault):
+    path = saved / "checksums.json"
+    os.remove(path)
+    if fault == "dev_zero":
+        os.symlink("/dev/zero", path)
+    elif fault == "empty":
+        path.write_text("")
+    elif fault == "folder":
+        path.mkdir()
+    elif fault == "unlisted":
+        path.write_text("{}")
+    with pytest.raises(ValueError, match="checksums|checksum"):
+        DMMDPipeline.from_pretrained(saved)
+
+
+def test_push_refuses_symlinks_instead_of_uploading_their_targets(saved, tmp_path):
+    from latent_dmmd.hub import push_pipeline_folder
+
+    secret = tmp_path / "id_rsa"
+    secret.write_text("PRIVATE KEY")
+    os.remove(saved / "pipeline.py")
+    os.symlink(secret, saved / "pipeline.py")
+
+    class NoApi:
+        def __getattr__(self, name):
+            raise AssertionError("nothing may reach the Hub")
+
+    with pytest.raises(ValueError, match="pipeline.py is a symbolic link"):
+        push_pipeline_folder(str(saved), "me/x", api=NoApi())
+
+
+def test_non_finite_statistics_or_weights_are_refused_before_sampling():
+    pipe = tiny_pipeline()
+    pipe.discriminator.reference_mean_data[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite reference statistics"):
+        pipe(num_images=2)
+    pipe = tiny_pipeline()
+    with torch.no_grad():
+        next(pipe.discriminator.parameters())[0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        pipe(num_images=2)
+
+
+def test_particles_that_blow_up_name_the_level():
+    pipe = tiny_pipeline()
+    pipe.discriminator.reference_mean_data.mul_(1e30)  # finite, but the flow overflows
+    with pytest.raises(FloatingPointError, match=r"non-finite \(NaN or inf\) at level 0"):
+        pipe(num_images=2, output_type="latent")
+
+
+def test_generator_lists_are_checked_element_by_element(pipe):
+    with pytest.raises(ValueError, match="torch.Generator"):
+        pipe(num_images=2, generator=[torch.Generator().manual_seed(0), 3])
+    with pytest.raises(ValueError, match="torch.Generator"):
+        pipe(num_images=1, generator=7)

@@ -187,6 +187,12 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
             cache[via] = (state, weights_fingerprint(self, via=via))
         return cache[via][1]
 
+    def check_finite_weights(self) -> None:
+        """``ValueError`` naming the first parameter holding NaN or inf (sampling with it gives black images)."""
+        for name, p in self.named_parameters():
+            if not torch.isfinite(p).all():
+                raise ValueError(f"the discriminator weight {name} holds NaN or inf values: the model file is damaged")
+
     def statistics_are_current(self) -> bool:
         """Whether the stored statistics were computed with these weights, in any of fp32, bf16 or fp16."""
         stored = {self.config.reference_fingerprint, self.config.reference_fingerprint_fp16} - {None}
@@ -260,6 +266,10 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
                 "mismatched reference statistics: they were computed with another forward process "
                 "(alphas_cumprod differ at the sampling levels); use the scheduler config saved with the model"
             )
+        bad = [int(t) for t, m, mt in zip(timesteps, self.reference_mean_data[rows], self.reference_mean_noised[rows])
+               if not (torch.isfinite(m).all() and torch.isfinite(mt).all())]  # fmt: skip
+        if bad:
+            raise ValueError(f"non-finite reference statistics (NaN or inf) at timesteps {bad}: recompute them")
         return ReferenceStatistics(
             timesteps=torch.as_tensor(timesteps).cpu(),
             alphas_cumprod=stored_acp.cpu(),

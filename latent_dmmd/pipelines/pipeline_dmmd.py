@@ -145,6 +145,11 @@ class DMMDPipeline(DiffusionPipeline):
             raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
         if isinstance(generator, list) and len(generator) != num_images:
             raise ValueError(f"got a list of {len(generator)} generators for num_images={num_images}; give one per image")
+        gens = generator if isinstance(generator, list) else [generator]
+        wrong = [type(g).__name__ for g in gens if g is not None and not isinstance(g, torch.Generator)]
+        if wrong or (isinstance(generator, list) and None in generator):
+            raise ValueError(f"generator must be a torch.Generator or a list of them, got {wrong[0] if wrong else 'None'} "
+                             f"in it; seed one with torch.Generator().manual_seed(seed)")  # fmt: skip
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if latents is not None:
@@ -280,6 +285,7 @@ class DMMDPipeline(DiffusionPipeline):
         score_fn = self._score_function() if sched.uses_score(**diffflow) else None
 
         dtype = disc.dtype
+        disc.check_finite_weights()
         kale = disc.config.objective == "kale"
         stats = reference = None
         if kale:  # the critic alone gives the velocity: no statistics
