@@ -22,12 +22,19 @@ from dataclasses import dataclass, field, fields
 import torch
 import yaml
 
+from .atomic import RunLock, fsync_tree, incomplete_files, replace_folder
 from .mmd import dmmd_loss
 from .seeding import keyed_generator, keyed_rand, keyed_randn
 
 logger = logging.getLogger("latent_dmmd.training")
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_CONFIG = "training_config.json"  # the run's resolved config, inside every checkpoint
+# settings that decide the shapes of the trained weights: a resume with other values cannot load them
+MODEL_FIELDS = ("method", "objective", "block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
+                "attention_head_dim", "norm_num_groups", "out_channels", "pool_size", "projection_dim", "resolution",
+                "channels", "pretrained_vae", "use_ema")  # fmt: skip
+OPTIMIZER_FIELDS = {"learning_rate": "lr", "adam_weight_decay": "weight_decay", "adam_epsilon": "eps"}
 
 
 def _f(default, help, **kw):
@@ -136,6 +143,8 @@ class TrainConfig:
     checkpointing_steps: int = _f(500, "save training state every N steps")
     checkpoints_total_limit: int | None = _f(None, "keep at most N checkpoints (older ones pruned after a save)")
     resume_from_checkpoint: str | None = _f(None, "a checkpoint folder, or 'latest'")
+    overwrite_output_dir: bool = _f(False, "start a fresh run in an output_dir that holds another run's checkpoints or "
+                                    "pipeline (its checkpoints are removed); without it such a start is refused")
     report_to: str = _f("tensorboard", "tensorboard, wandb, all or none")
     logging_dir: str = _f("logs", "log folder inside output_dir")
     log_every: int = _f(10, "log metrics every N steps")
@@ -419,7 +428,7 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None) -> str:
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None, config: TrainConfig | None = None) -> str:
     """Save the training state to a temporary folder, rename it into place, then prune.
 
     A crash at any point leaves either the previous checkpoints intact plus a stray temporary
@@ -433,6 +442,10 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if config is not None:
+            with open(os.path.join(tmp, CHECKPOINT_CONFIG), "w") as f:
+                json.dump(dataclasses.asdict(config), f, indent=2)
+        fsync_tree(tmp)  # a power cut after the rename must not leave 0-byte files behind it
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -455,7 +468,12 @@ def resolve_resume(config: TrainConfig) -> tuple[int, str | None]:
         if not found:
             logger.info("no checkpoint in %s: starting from scratch", config.output_dir)
             return 0, None
-        return found[-1]
+        for step, path in reversed(found):
+            bad = incomplete_files(path)
+            if not bad:
+                return step, path
+            logger.warning("%s is incomplete (%s): falling back to the previous checkpoint", path, bad[0])
+        raise ValueError(f"no complete checkpoint in {config.output_dir}: every checkpoint-N has an empty or truncated file")
     path = config.resume_from_checkpoint
     match = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
     if not match or not os.path.isdir(path):
@@ -601,11 +619,6 @@ def main(argv: list[str] | None = None) -> str | None:
 
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-    from tqdm.auto import tqdm
-
-    from .data import collate_skipping
 
     report_to = None if config.report_to == "none" else config.report_to
     if report_to in ("tensorboard", "all"):
@@ -627,10 +640,84 @@ def main(argv: list[str] | None = None) -> str | None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     check_distributed_type(accelerator.distributed_type.value, config)
     set_seed(config.seed)
-    if accelerator.is_main_process:
-        os.makedirs(config.output_dir, exist_ok=True)
-        with open(os.path.join(config.output_dir, "config.yaml"), "w") as f:
-            f.write(resolved_yaml(config))
+    lock = RunLock(config.output_dir)
+    try:
+        if accelerator.is_main_process:
+            lock.acquire()  # a second run into this folder is refused while this one lives
+            claim_output_dir(config)
+            with open(os.path.join(config.output_dir, "config.yaml"), "w") as f:
+                f.write(resolved_yaml(config))
+        return _train(config, accelerator, report_to)
+    finally:
+        lock.release()
+
+
+def claim_output_dir(config: TrainConfig) -> None:
+    """Refuse to start a fresh run over another run's checkpoints or exported folders (it would prune
+    them, replace its pipeline, and a later ``--resume_from_checkpoint latest`` would mix the two runs)."""
+    os.makedirs(config.output_dir, exist_ok=True)
+    if config.resume_from_checkpoint:
+        return
+    found = [os.path.basename(p) for _, p in list_checkpoints(config.output_dir)]
+    found += [name for name in ("pipeline", "baseline") if os.path.isdir(os.path.join(config.output_dir, name))]
+    if not found:
+        return
+    if not config.overwrite_output_dir:
+        raise ValueError(
+            f"{config.output_dir} holds another run ({', '.join(found[:4])}): resume it with --resume_from_checkpoint "
+            f"latest, choose another --output_dir, or pass --overwrite_output_dir to start over"
+        )
+    for _, path in list_checkpoints(config.output_dir):
+        shutil.rmtree(path)
+    logger.warning("--overwrite_output_dir: removed the checkpoints of the previous run in %s", config.output_dir)
+
+
+def check_resume_config(checkpoint: str, config: TrainConfig) -> dict:
+    """Compare a checkpoint's recorded config with this run's: a changed model shape is refused naming
+    the fields; changed optimizer settings are returned ``{field: (old, new)}`` so they can be applied."""
+    path = os.path.join(checkpoint, CHECKPOINT_CONFIG)
+    if not os.path.isfile(path):  # checkpoints written before the config was recorded
+        return {}
+    with open(path) as f:
+        saved = json.load(f)
+    now = dataclasses.asdict(config)
+    model = [k for k in MODEL_FIELDS if k in saved and saved[k] != now[k]]
+    if model:
+        detail = ", ".join(f"--{k} {saved[k]!r} -> {now[k]!r}" for k in model)
+        raise ValueError(f"cannot resume from {checkpoint}: the model changed ({detail}); its weights would not fit. "
+                         f"Resume with the checkpoint's settings or start a new run in another --output_dir")  # fmt: skip
+    return {k: (saved[k], now[k]) for k in (*OPTIMIZER_FIELDS, "adam_beta1", "adam_beta2") if k in saved and saved[k] != now[k]}
+
+
+def apply_optimizer_settings(optimizer, lr_scheduler, changed: dict) -> None:
+    """Put changed optimizer settings into the restored optimizer (and the LR schedule's base rate),
+    where ``load_state`` had brought back the checkpoint's values."""
+    groups = optimizer.param_groups
+    for key, (old, new) in changed.items():
+        if key == "learning_rate":
+            inner = getattr(lr_scheduler, "scheduler", lr_scheduler)
+            inner.base_lrs = [new for _ in inner.base_lrs]
+            for g in groups:  # keep the schedule's current factor (warm-up, decay)
+                g["lr"] = g["lr"] * new / old if old else new
+        elif key in ("adam_beta1", "adam_beta2"):
+            for g in groups:
+                betas = list(g["betas"])
+                betas[0 if key == "adam_beta1" else 1] = new
+                g["betas"] = tuple(betas)
+        else:
+            for g in groups:
+                g[OPTIMIZER_FIELDS[key]] = new
+        logger.warning("resume: --%s changed from %s to %s; applied to the restored optimizer", key, old, new)
+
+
+def _train(config: TrainConfig, accelerator, report_to: str | None) -> str:
+    """The training loop of ``main`` once the output folder is claimed."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    from .data import collate_skipping
+
     start = time.time()
 
     # ---- data: cached latents (VAE freed afterwards) or pixels
@@ -697,7 +784,9 @@ def main(argv: list[str] | None = None) -> str | None:
 
     global_step, resume_path = resolve_resume(config)
     if resume_path:
+        changed = check_resume_config(resume_path, config)
         accelerator.load_state(resume_path)
+        apply_optimizer_settings(optimizer, lr_scheduler, changed)
         logger.info("resumed from %s (step %d)", resume_path, global_step)
     if accelerator.is_main_process and report_to:
         accelerator.init_trackers("latent_dmmd", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
@@ -771,7 +860,7 @@ def main(argv: list[str] | None = None) -> str | None:
                 late = torch.tensor([float(time.time() - loop_start > 60 * config.max_train_minutes)], device=accelerator.device)
                 out_of_time = accelerator.reduce(late, "sum").item() > 0
             if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps or out_of_time:
-                save_checkpoint(accelerator, config.output_dir, global_step, config.checkpoints_total_limit)
+                save_checkpoint(accelerator, config.output_dir, global_step, config.checkpoints_total_limit, config)
             if heldout is not None and (global_step % eval_every == 0 or global_step == config.max_train_steps or out_of_time):
                 log_level_mmd(accelerator, model, ema, scheduler, heldout, config, global_step)
             if config.validation_steps and global_step % config.validation_steps == 0 and config.method == "dmmd":
@@ -930,14 +1019,15 @@ def export_baseline(accelerator, model, ema, scheduler, config: TrainConfig, run
     folder = os.path.join(config.output_dir, "baseline")
     if accelerator.is_main_process:
         unet = _ema_model(accelerator, model, ema).to("cpu")
-        unet.save_pretrained(os.path.join(folder, "unet"))
-        baseline_scheduler(scheduler, "ddpm").save_pretrained(os.path.join(folder, "scheduler"))
-        if config.latent:
-            from .autoencoders import load_autoencoder
+        with replace_folder(folder) as tmp:  # the previous export stays whole until this one is
+            unet.save_pretrained(os.path.join(tmp, "unet"))
+            baseline_scheduler(scheduler, "ddpm").save_pretrained(os.path.join(tmp, "scheduler"))
+            if config.latent:
+                from .autoencoders import load_autoencoder
 
-            load_autoencoder(config.pretrained_vae, config.vae_subfolder, config.vae_revision).save_pretrained(
-                os.path.join(folder, "vae")
-            )
+                load_autoencoder(config.pretrained_vae, config.vae_subfolder, config.vae_revision).save_pretrained(
+                    os.path.join(tmp, "vae")
+                )
         with open(os.path.join(config.output_dir, "training_summary.json"), "w") as f:
             json.dump(run_info | {"method": "ddpm"}, f, indent=2)
     accelerator.wait_for_everyone()
@@ -964,11 +1054,12 @@ def export_pipeline(accelerator, model, ema, scheduler, dataset, config: TrainCo
         if stats is not None:
             disc.set_reference_statistics(stats, vae=vae)
         pipe = DMMDPipeline(disc.to("cpu"), scheduler, vae=vae)
-        pipe.save_pretrained(folder)
         from .hub import write_model_card
 
         run_info = run_info | {"reference_count": stats.count if stats is not None else 0, "vae": vae_id}
-        write_model_card(folder, config, run_info)
+        with replace_folder(folder) as tmp:  # the previous export stays loadable until this one is complete
+            pipe.save_pretrained(tmp)
+            write_model_card(tmp, config, run_info)
         with open(os.path.join(config.output_dir, "training_summary.json"), "w") as f:
             json.dump(run_info, f, indent=2)
         logger.info("wrote the pipeline to %s (statistics over %d samples)", folder, run_info["reference_count"])

@@ -16,7 +16,7 @@ from latent_dmmd import DMMDPipeline
 from latent_dmmd.data import write_cache_shard
 
 from .conftest import tiny_pipeline, write_image_folder
-from .test_training import TINY_MODEL, run
+from .test_training import TINY_MODEL, load, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join("discriminator", "diffusion_pytorch_model.safetensors")
@@ -303,3 +303,97 @@ def test_generator_lists_are_checked_element_by_element(pipe):
         pipe(num_images=2, generator=[torch.Generator().manual_seed(0), 3])
     with pytest.raises(ValueError, match="torch.Generator"):
         pipe(num_images=1, generator=7)
+
+
+# ---------------------------------------------------------------------------- round 2: runs, checkpoints, exports
+
+
+def test_replace_folder_keeps_the_previous_folder_when_writing_fails(tmp_path):
+    from latent_dmmd.atomic import replace_folder
+
+    final = tmp_path / "pipeline"
+    with replace_folder(str(final)) as tmp:
+        (tmp_path / os.path.basename(tmp) / "config.json").write_text('{"good": 1}')
+    with pytest.raises(OSError, match="No space left"):
+        with replace_folder(str(final)) as tmp:
+            (tmp_path / os.path.basename(tmp) / "config.json").write_text("")  # the 0-byte file of a full disk
+            raise OSError(28, "No space left on device")
+    assert json.loads((final / "config.json").read_text()) == {"good": 1}
+    assert sorted(os.listdir(tmp_path)) == ["pipeline"]  # no temporary folder left behind
+
+
+def test_disk_full_during_the_final_export_leaves_the_previous_pipeline_loadable(tmp_path, monkeypatch):
+    folder = run(tmp_path, steps=2)
+    before = load(folder)(num_images=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    def full_disk(self, save_directory, **kwargs):
+        os.makedirs(os.path.join(save_directory, "discriminator"), exist_ok=True)
+        open(os.path.join(save_directory, "discriminator", "config.json"), "w").close()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(DMMDPipeline, "save_pretrained", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        run(tmp_path, "--resume_from_checkpoint", "latest", steps=4)
+    monkeypatch.undo()
+    again = load(folder)(num_images=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert torch.equal(before, again)
+
+
+def test_a_fresh_run_into_a_finished_runs_folder_is_refused(tmp_path):
+    run(tmp_path, steps=2)
+    with pytest.raises(ValueError, match="holds another run.*--resume_from_checkpoint latest.*--overwrite_output_dir"):
+        run(tmp_path, "--seed", "1", steps=2)
+    run(tmp_path, "--seed", "1", "--overwrite_output_dir", steps=2)
+    config = (tmp_path / "out" / "config.yaml").read_text()
+    assert "seed: 1" in config
+
+
+def test_a_second_concurrent_run_is_kept_out_by_the_lock(tmp_path):
+    from latent_dmmd.atomic import RunLock
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out.mkdir()
+        (out / ".lock").write_text(str(holder.pid))  # a live run holds the folder
+        with pytest.raises(RuntimeError, match=f"another run \\(pid {holder.pid}\\)"):
+            run(tmp_path, steps=2)
+        assert not (out / "config.yaml").exists()  # refused before writing anything
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without releasing: its lock is stale and is taken over
+    run(tmp_path, steps=2)
+    assert not (out / ".lock").exists()
+    with RunLock(str(out)):
+        assert (out / ".lock").read_text() == str(os.getpid())
+
+
+def test_resume_applies_a_changed_learning_rate_and_refuses_a_changed_model(tmp_path, caplog):
+    run(tmp_path, steps=2)
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        run(tmp_path, "--resume_from_checkpoint", "latest", "--learning_rate", "1e-7", "--adam_weight_decay", "0.5", steps=4)
+    messages = caplog.text
+    assert "--learning_rate changed from 0.0001 to 1e-07" in messages and "--adam_weight_decay changed" in messages
+    optimizer = torch.load(tmp_path / "out" / "checkpoint-4" / "optimizer.bin", weights_only=True)
+    group = optimizer["param_groups"][0]
+    assert group["weight_decay"] == 0.5 and group["lr"] <= 1e-7 + 1e-12
+    with pytest.raises(ValueError, match=r"the model changed \(--block_out_channels"):
+        run(tmp_path, "--resume_from_checkpoint", "latest", "--block_out_channels", "8", "32", steps=6)
+
+
+def test_a_zero_byte_file_in_the_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    import logging
+
+    run(tmp_path, "--checkpoints_total_limit", "3", steps=4)
+    newest = tmp_path / "out" / "checkpoint-4"
+    victim = next(p for p in sorted(newest.iterdir()) if p.suffix in (".safetensors", ".bin"))
+    victim.write_bytes(b"")  # power cut: the rename landed, the data did not
+    from latent_dmmd.training import load_config, resolve_resume
+
+    config = load_config(["--train_data_dir", "x", "--output_dir", str(tmp_path / "out"), "--resume_from_checkpoint", "latest"])
+    with caplog.at_level(logging.WARNING):
+        step, path = resolve_resume(config)
+    assert step == 2 and path.endswith("checkpoint-2") and "checkpoint-4 is incomplete" in caplog.text
