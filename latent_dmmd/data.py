@@ -15,6 +15,7 @@ import logging
 import os
 import struct
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -26,6 +27,9 @@ from torch.utils.data import Dataset, default_collate
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# an image is skipped when resizing its shorter side to the resolution would make more than this many
+# pixels per output pixel (aspect ratio beyond 64:1: a 1x200000 strip would otherwise need GBs)
+MAX_RESIZED_PIXELS_PER_OUTPUT_PIXEL = 64
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail loudly, then be skipped
 
 
@@ -57,6 +61,9 @@ class ImageTransform:
         image = self.to_mode(image)
         w, h = image.size
         scale = self.resolution / min(w, h)
+        if w * h * scale * scale > MAX_RESIZED_PIXELS_PER_OUTPUT_PIXEL * self.resolution**2:
+            raise ValueError(f"{w}x{h} image: its shorter side resized to {self.resolution} would need "
+                             f"{w * h * scale * scale / 1e6:.0f}M pixels (aspect ratio too extreme)")  # fmt: skip
         if scale != 1:
             image = image.resize((max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))),
                                  Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)  # fmt: skip
@@ -83,7 +90,11 @@ def list_images(folder: str | os.PathLike) -> list[str]:
         raise FileNotFoundError(f"image folder not found: {folder}")
     found = []
     for root, _, files in os.walk(folder):
-        found += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+        for name in files:
+            path = os.path.join(root, name)
+            # regular files only: a FIFO named pipe.png would block the first read forever
+            if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(path):
+                found.append(path)
     return sorted(found)
 
 
@@ -103,9 +114,12 @@ class ImageFolderDataset(Dataset):
     def load(self, index: int, flip: bool | None = None) -> torch.Tensor | None:
         path = self.files[index]
         try:
-            with Image.open(path) as image:
-                image.load()
-                return self.transform(image, flip=flip)
+            with warnings.catch_warnings():
+                # Pillow warns above MAX_IMAGE_PIXELS (and raises above twice that): treat both as a bomb
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    image.load()
+                    return self.transform(image, flip=flip)
         except Exception as err:  # any decoding failure: skip and count, never crash
             logger.warning("skipping unreadable image %s (%s)", path, err)
             return None
@@ -251,6 +265,10 @@ class CacheMeta:
     count: int
     flip_variants: bool
     latent_shape: list
+    # hash over the source files' names, sizes and modification times (caches before it: "")
+    source_digest: str = ""
+    shards: int = 1  # processes that wrote the cache: latents-r-of-<shards> for r < shards
+    kept: int = -1  # latents in the cache (count minus unreadable images); -1: not recorded
 
     def mismatches(self, other: CacheMeta) -> list[str]:
         """Names of the fields (VAE fields as ``vae.<name>``) that differ from ``other``."""
@@ -259,9 +277,29 @@ class CacheMeta:
             theirs = getattr(other, key)
             if key == "vae":
                 bad += [f"vae.{k}" for k in sorted(set(value) | set(theirs)) if value.get(k) != theirs.get(k)]
-            elif value != theirs and key != "latent_shape":
+            elif value != theirs and key not in ("latent_shape", "shards", "kept"):
                 bad.append(key)
         return bad
+
+
+def source_digest(dataset) -> str:
+    """SHA-256 over what a dataset reads: each image file's path (relative), size and mtime, the IDX
+    file's, or a Hugging Face dataset's fingerprint. A replaced, added or removed image changes it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = getattr(dataset, "files", None)
+    if files is None and os.path.isfile(getattr(dataset, "source", "") or ""):
+        files = [dataset.source]
+    if files is not None:
+        root = os.path.commonpath([os.path.abspath(f) for f in files]) if len(files) > 1 else ""
+        for path in files:
+            st = os.stat(path)
+            digest.update(f"{os.path.relpath(path, root) if root else os.path.basename(path)}|{st.st_size}|"
+                          f"{st.st_mtime_ns}\n".encode())  # fmt: skip
+    else:
+        digest.update(str(getattr(getattr(dataset, "ds", None), "_fingerprint", dataset.source)).encode())
+    return digest.hexdigest()
 
 
 def _default_mode() -> int:
@@ -351,14 +389,31 @@ def read_cache_meta(cache_dir: str) -> CacheMeta | None:
 
 
 def check_cache(cache_dir: str, expected: CacheMeta) -> None:
-    """Refuse a cache made from another VAE, scaling, resolution, crop or dataset."""
+    """Refuse a cache made from another VAE, scaling, resolution, crop or dataset, or from images
+    that changed since (``source_digest``: a replaced, added or removed file)."""
     meta = read_cache_meta(cache_dir)
     if meta is None:
         raise ValueError(f"{cache_dir} is not a complete latent cache (no {CACHE_META})")
     bad = meta.mismatches(expected)
     if bad:
-        detail = ", ".join(f"{k}: cache has {_lookup(meta, k)!r}, run needs {_lookup(expected, k)!r}" for k in bad)
-        raise ValueError(f"latent cache {cache_dir} does not match this run ({detail}); delete it or use another --latent_cache_dir")
+        detail = ", ".join(f"{k}: cache has {_short(_lookup(meta, k))!r}, run needs {_short(_lookup(expected, k))!r}"
+                           for k in bad)  # fmt: skip
+        why = " (the images changed since the cache was built)" if "source_digest" in bad else ""
+        raise ValueError(f"latent cache {cache_dir} does not match this run ({detail}){why}; rebuild it with "
+                         f"--rebuild_cache, or use another --latent_cache_dir")  # fmt: skip
+
+
+def _short(value):
+    return value[:12] if isinstance(value, str) and len(value) == 64 else value
+
+
+def remove_shards(cache_dir: str) -> None:
+    """Delete a cache's shards and meta (before a rebuild, so no stale shard survives it)."""
+    if not os.path.isdir(cache_dir):
+        return
+    for name in os.listdir(cache_dir):
+        if name == CACHE_META or (name.startswith("latents-") and name.endswith(".safetensors")):
+            os.remove(os.path.join(cache_dir, name))
 
 
 def _lookup(meta: CacheMeta, key: str):
@@ -381,8 +436,24 @@ class LatentCacheDataset(Dataset):
         shards = sorted(f for f in os.listdir(cache_dir) if f.startswith("latents-") and f.endswith(".safetensors"))
         if not shards:
             raise ValueError(f"latent cache {cache_dir} has no shards")
-        parts = [load_file(os.path.join(cache_dir, f)) for f in shards]
+        expected_shards = [shard_name(r, self.meta.shards) for r in range(self.meta.shards)]
+        missing = sorted(set(expected_shards) - set(shards))
+        extra = sorted(set(shards) - set(expected_shards))
+        if missing or extra:
+            raise ValueError(f"latent cache {cache_dir} was written by {self.meta.shards} process(es) but "
+                             + (f"misses {missing[0]}" if missing else f"also holds {extra[0]} (from another build)")
+                             + "; rebuild it with --rebuild_cache")  # fmt: skip
+        parts = []
+        for name in shards:
+            try:
+                parts.append(load_file(os.path.join(cache_dir, name)))
+            except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+                raise ValueError(f"latent cache shard {os.path.join(cache_dir, name)} is unreadable (truncated or "
+                                 f"corrupted: {err}); rebuild the cache with --rebuild_cache") from err  # fmt: skip
         index = torch.cat([p["index"] for p in parts])
+        if len(index) != len(set(index.tolist())) or (self.meta.kept >= 0 and len(index) != self.meta.kept):
+            raise ValueError(f"latent cache {cache_dir} holds {len(index)} latents where its meta says "
+                             f"{self.meta.kept} distinct ones; rebuild it with --rebuild_cache")  # fmt: skip
         order = index.argsort()
         self.index = index[order]
         self.tensors = {k: torch.cat([p[k] for p in parts])[order] for k in parts[0] if k != "index"}

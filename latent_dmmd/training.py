@@ -71,6 +71,7 @@ class TrainConfig:
     vae_revision: str | None = _f(None, "revision of --pretrained_vae")
     cache_latents: bool = _f(True, "encode the data once into a latent cache (else encode every batch, VAE in memory)")
     latent_cache_dir: str | None = _f(None, "latent cache folder (default: <output_dir>/latent_cache)")
+    rebuild_cache: bool = _f(False, "encode the latent cache again even if one exists (after the images changed)")
     flip_variants: bool = _f(False, "also cache latents of horizontally flipped images")
     encode_batch_size: int = _f(16, "images per VAE encode call when caching latents")
     # discriminator (None: DMMDDiscriminator's default)
@@ -546,6 +547,8 @@ def prepare_latents(accelerator, config: TrainConfig):
         check_cache,
         encode_shard,
         read_cache_meta,
+        remove_shards,
+        source_digest,
         write_cache_meta,
         write_cache_shard,
     )
@@ -557,15 +560,18 @@ def prepare_latents(accelerator, config: TrainConfig):
     expected = CacheMeta(
         vae=identity, resolution=config.resolution, center_crop=config.center_crop,
         dataset=f"{source}[{config.first_index}:{config.first_index + len(images)}]", count=len(images),
-        flip_variants=config.flip_variants, latent_shape=[],
+        flip_variants=config.flip_variants, latent_shape=[], source_digest=source_digest(images),
     )  # fmt: skip
     cache = config.cache_dir
-    if read_cache_meta(cache) is not None:
+    if read_cache_meta(cache) is not None and not config.rebuild_cache:
         check_cache(cache, expected)
         logger.info("using the latent cache in %s", cache)
     else:
         start = time.time()
         rank, world = accelerator.process_index, accelerator.num_processes
+        if accelerator.is_main_process:
+            remove_shards(cache)  # no shard of an earlier build may survive this one
+        accelerator.wait_for_everyone()
         mine = list(range(rank, len(images), world))
         tensors, skipped = encode_shard(
             images, vae, mine, config.encode_batch_size, config.flip_variants, progress=accelerator.is_local_main_process
@@ -576,6 +582,7 @@ def prepare_latents(accelerator, config: TrainConfig):
         if accelerator.is_main_process:
             expected.latent_shape = list(tensors["mean"].shape[1:])
             expected.count = len(images)
+            expected.shards, expected.kept = world, len(images) - skipped
             write_cache_meta(cache, expected)
             seconds = time.time() - start
             logger.info("encoded %d images in %.1f s (%.2f img/s over %d processes); skipped %d unreadable",

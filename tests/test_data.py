@@ -120,7 +120,7 @@ def test_latent_cache_round_trip_and_refusal(tmp_path):
     for rank in (0, 1):
         tensors, skipped = encode_shard(ds, vae, list(range(rank, len(ds), 2)), 2, flip_variants=True)
         write_cache_shard(cache, tensors, rank, 2)
-    write_cache_meta(cache, _meta(vae, count=len(ds)))
+    write_cache_meta(cache, _meta(vae, count=len(ds), shards=2, kept=6))
     assert not [f for f in os.listdir(cache) if f.startswith(".tmp")]
     cached = LatentCacheDataset(cache, _meta(vae, count=len(ds)))
     assert len(cached) == 6 and cached.index.tolist() == sorted(cached.index.tolist())
@@ -178,3 +178,90 @@ def test_cache_files_get_ordinary_permissions(tmp_path):
     finally:
         os.umask(old)
     assert oct(os.stat(path).st_mode & 0o777) == oct(0o644)  # readable by the group, like any written file
+
+
+# ---------------------------------------------------------------------------- reliability round 2: the cache and the files
+
+
+def _cache_run(tmp_path, *extra):
+    """A tiny latent-space training run that builds (or checks) its cache; returns the cache folder."""
+    from latent_dmmd.training import main
+
+    from .conftest import tiny_vae_folder
+    from .test_training import TINY_MODEL
+
+    vae = tmp_path / "vae"
+    if not vae.exists():
+        tiny_vae_folder(vae, latent_channels=4)
+    args = ["--train_data_dir", str(tmp_path / "imgs"), "--output_dir", str(tmp_path / "out"), "--resolution", "8",
+            "--pretrained_vae", str(vae), "--train_batch_size", "4", "--group_size", "2", "--max_train_steps", "1",
+            "--num_inference_steps", "2", "--flow_steps_per_level", "1", "--report_to", "none",
+            "--checkpointing_steps", "1", "--overwrite_output_dir", "--eval_max_samples", "0", *TINY_MODEL, *extra]  # fmt: skip
+    main([str(a) for a in args])
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    return tmp_path / "out" / "latent_cache"
+
+
+@pytest.mark.parametrize("change", ["replaced", "added", "removed"])
+def test_a_cache_of_images_that_changed_is_refused_naming_the_field(tmp_path, change):
+    import shutil
+
+    paths = write_image_folder(tmp_path / "imgs", n=8, size=12)
+    _cache_run(tmp_path)
+    if change == "replaced":  # same names, other pictures
+        write_image_folder(tmp_path / "other", n=8, size=12, seed=5)
+        for p in paths:
+            shutil.copy(p.replace(str(tmp_path / "imgs"), str(tmp_path / "other")), p)
+    elif change == "added":
+        write_image_folder(tmp_path / "imgs" / "more", n=1, size=12, seed=7)
+    else:
+        os.remove(paths[0])
+    with pytest.raises(ValueError, match="source_digest.*the images changed.*--rebuild_cache"):
+        _cache_run(tmp_path)
+    cache = _cache_run(tmp_path, "--rebuild_cache")
+    assert LatentCacheDataset(str(cache)).meta.kept == (7 if change == "removed" else 9 if change == "added" else 8)
+
+
+def test_missing_extra_and_truncated_shards_are_errors_naming_the_file(tmp_path):
+    write_image_folder(tmp_path / "imgs", n=8, size=12)
+    cache = _cache_run(tmp_path)
+    shard = cache / "latents-00000-of-00001.safetensors"
+    data = shard.read_bytes()
+    (cache / "latents-00001-of-00002.safetensors").write_bytes(data)  # left by a 2-process build
+    with pytest.raises(ValueError, match="also holds latents-00001-of-00002.*--rebuild_cache"):
+        LatentCacheDataset(str(cache))
+    os.remove(cache / "latents-00001-of-00002.safetensors")
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="latents-00000-of-00001.safetensors is unreadable"):
+        LatentCacheDataset(str(cache))
+    os.remove(shard)
+    with pytest.raises(ValueError, match="has no shards|misses latents-00000"):
+        LatentCacheDataset(str(cache))
+    # a rebuild leaves exactly the shards of the new build
+    cache = _cache_run(tmp_path, "--rebuild_cache")
+    assert sorted(f for f in os.listdir(cache) if f.endswith(".safetensors")) == ["latents-00000-of-00001.safetensors"]
+
+
+def test_only_regular_files_are_read_and_bombs_are_skipped(tmp_path):
+    import warnings
+
+    from PIL import Image
+
+    write_image_folder(tmp_path / "imgs", n=2, size=12)
+    os.mkfifo(tmp_path / "imgs" / "pipe.png")  # opening it for reading would block forever
+    Image.new("L", (200000, 1), 255).save(tmp_path / "imgs" / "strip.png")  # 1x200000: GBs if resized first
+    Image.new("L", (3000, 3000), 0).save(tmp_path / "imgs" / "bomb.png")
+    ds = ImageFolderDataset(str(tmp_path / "imgs"), ImageTransform(64))
+    assert not any(f.endswith("pipe.png") for f in ds.files)
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = 3000 * 3000 - 1  # the bomb is just above Pillow's warning threshold
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loaded = {os.path.basename(f): ds.load(i) for i, f in enumerate(ds.files)}
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    assert loaded["bomb.png"] is None and loaded["strip.png"] is None
+    assert sum(v is not None for v in loaded.values()) == 2
