@@ -21,6 +21,9 @@ from .argparsing import FlagParser
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "fashion-mnist-dmmd")
 
 
+MAX_GRID_IMAGES = 1024  # one PNG grid; beyond this, --no_grid writes the images one by one
+
+
 class UserError(Exception):
     """A mistake in the command line or its inputs: reported in one line, exit status 2."""
 
@@ -127,21 +130,29 @@ def cmd_sample(args: argparse.Namespace) -> None:
     keys = ("num_inference_steps", "flow_steps_per_level", "step_size", "noise_scale", "noise_schedule", "noise_mode",
             "score_weight", "noise_injection", "final_denoise")  # fmt: skip
     call = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.grid and len(seeds) > MAX_GRID_IMAGES:
+        raise UserError(f"a grid of {len(seeds)} images is too large: pass --no_grid (one PNG per image, written as "
+                        f"each batch of --batch_size finishes) or at most {MAX_GRID_IMAGES} images")  # fmt: skip
     start = time.perf_counter()
-    images = pipe(num_images=len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds], **call).images
+    grid_images, written = [], []
+    # batches of --batch_size bound the memory for any --num_images; particles interact within a batch only
+    for first in range(0, len(seeds), args.batch_size):
+        chunk = seeds[first : first + args.batch_size]
+        images = pipe(num_images=len(chunk), generator=[torch.Generator().manual_seed(s) for s in chunk], **call).images
+        if args.grid:
+            grid_images += images
+            continue
+        for seed, image in zip(chunk, images):
+            path = os.path.join(args.output_dir, f"seed{seed}.png")
+            image.save(path)
+            written.append(path)
     seconds = time.perf_counter() - start
     if args.grid:
         from .evaluation import save_grid, to_uint8
 
         path = os.path.join(args.output_dir, "grid.png")
-        save_grid(to_uint8(images), path, nrow=args.nrow)
+        save_grid(to_uint8(grid_images), path, nrow=args.nrow)
         written = [path]
-    else:
-        written = []
-        for seed, image in zip(seeds, images):
-            path = os.path.join(args.output_dir, f"seed{seed}.png")
-            image.save(path)
-            written.append(path)
     print(f"{len(seeds)} images in {seconds:.1f} s -> {', '.join(written) if len(written) < 4 else args.output_dir}")
 
 
@@ -170,7 +181,9 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> None:
                "latent_dmmd.training", *rest]  # fmt: skip
         env = {**os.environ, "ACCELERATE_USE_CPU": "1",
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.num_processes)))}  # fmt: skip
-    code = subprocess.call(cmd, env=env)
+    from .launch import die_with_parent
+
+    code = subprocess.call(cmd, env=env, preexec_fn=die_with_parent)  # killing this command ends the run
     if code:
         raise UserError(f"training exited with status {code}")
 
@@ -289,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--output-dir", default="samples", help="folder for the PNG(s)")
     sample.add_argument("--no-grid", dest="grid", action="store_false", help="one PNG per image instead of a grid")
     sample.add_argument("--nrow", type=_positive_int, default=8, help="images per grid row")
+    sample.add_argument("--batch_size", type=_positive_int, default=64,
+                        help="images flowed together; more are made batch by batch, so memory stays bounded (under "
+                             "particle_mean='ensemble' images interact within their batch only)")  # fmt: skip
     sample.set_defaults(func=cmd_sample)
 
     sub.add_parser("train", formatter_class=fmt, add_help=False,

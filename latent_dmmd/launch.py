@@ -8,10 +8,14 @@ command does what it says.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 
 logger = logging.getLogger(__name__)
 
@@ -55,4 +59,53 @@ def maybe_relaunch_on_cpus(script: str, argv: list[str]) -> None:
                    n, shlex.join(cmd))  # fmt: skip
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or n) // n)))
     sys.stdout.flush()
+    die_with_parent()  # kept across exec: killing `accelerate launch` ends torchrun, which ends its workers
     os.execv(sys.executable, cmd)
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``), so
+    ``kill -9`` of a launcher leaves no orphaned workers. Returns False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl(1, int(sig), 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        return False
+
+
+def run_worker(main, timeout: float | None = None) -> None:
+    """Run a training ``main`` as one process of a distributed run and make sure it exits.
+
+    The worker dies with its launcher, and after ``main`` returns (the pipeline is written and
+    fsynced) the process group is torn down under a watchdog: gloo's teardown was seen to hang
+    in a few runs out of many, so after ``timeout`` seconds (``LATENT_DMMD_TEARDOWN_TIMEOUT``,
+    default 60) the process exits anyway, with status 0, since its work is done.
+    """
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        die_with_parent()
+    main()
+    if not distributed:
+        return
+    timeout = float(os.environ.get("LATENT_DMMD_TEARDOWN_TIMEOUT", "60")) if timeout is None else timeout
+    sys.stdout.flush()
+    sys.stderr.flush()
+    watchdog = threading.Timer(timeout, _exit_after_teardown_timeout, args=(timeout,))
+    watchdog.daemon = True
+    watchdog.start()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    watchdog.cancel()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter teardown to hang in: everything is written
+
+
+def _exit_after_teardown_timeout(timeout: float) -> None:
+    logger.warning("the process group did not shut down within %.0f s; exiting (the run's outputs are complete)", timeout)
+    sys.stderr.flush()
+    os._exit(0)

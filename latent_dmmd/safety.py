@@ -106,6 +106,7 @@ def check_pipeline_folder(folder: str, allow_pickle: bool = False) -> None:
                 "latent_dmmd loads safetensors only; pass allow_pickle=True to from_pretrained only for "
                 "files you trust"
             )
+    check_scheduler_config(folder)
     safetensors = [f for f in files if f.endswith(".safetensors")]
     sums = read_checksums(folder, safetensors)
     for rel in safetensors:
@@ -134,7 +135,8 @@ def _check_shapes(folder: str, rel: str, path: str, shapes: dict) -> None:
         return
     from accelerate import init_empty_weights
 
-    with init_empty_weights():
+    _check_config_sizes(config_path, config)
+    with init_empty_weights(include_buffers=True):  # nothing allocated, whatever sizes the config names
         model = model_cls.from_config(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     bad = sorted(k for k in shapes if k in expected and shapes[k] != expected[k])
@@ -143,6 +145,27 @@ def _check_shapes(folder: str, rel: str, path: str, shapes: dict) -> None:
         detail = "; ".join([f"{k}: file {shapes[k]}, config {expected[k]}" for k in bad[:5]] + [f"missing {k}" for k in missing[:5]])
         raise ValueError(f"{path} does not fit {component}/config.json ({len(bad)} shape mismatches, "
                          f"{len(missing)} missing keys): {detail}")  # fmt: skip
+
+
+# sizes a config may name before anything is built from it (a folder is untrusted input)
+CONFIG_LIMITS = {"sample_size": 4096, "in_channels": 4096, "out_channels": 4096, "num_reference_levels": 100_000,
+                 "projection_dim": 1 << 24, "num_train_timesteps": 100_000, "num_inference_steps": 100_000,
+                 "flow_steps_per_level": 100_000, "latent_channels": 4096}  # fmt: skip
+
+
+def _check_config_sizes(path: str, config: dict) -> None:
+    for key, limit in CONFIG_LIMITS.items():
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit):
+            raise ValueError(f"{path}: {key} = {value!r} is not a size this library builds (0 to {limit})")
+
+
+def check_scheduler_config(folder: str) -> None:
+    """Bound the scheduler config's sizes before diffusers builds arrays from them."""
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            _check_config_sizes(path, json.load(f))
 
 
 def _model_class(name: str | None):

@@ -1098,4 +1098,6 @@ def cache_main(argv: list[str] | None = None, prog: str | None = None) -> str:
 
 
 if __name__ == "__main__":  # python -m latent_dmmd.training (what `latent-dmmd train` launches)
-    main()
+    from .launch import run_worker
+
+    run_worker(main)

@@ -8,9 +8,9 @@ Every flag and its default: ``python scripts/train_latent.py --help``.
 
 import sys
 
-from latent_dmmd.launch import maybe_relaunch_on_cpus
+from latent_dmmd.launch import maybe_relaunch_on_cpus, run_worker
 from latent_dmmd.training import main
 
 if __name__ == "__main__":
     maybe_relaunch_on_cpus(__file__, sys.argv[1:])
-    main()
+    run_worker(main)

@@ -246,3 +246,34 @@ def test_cli_samples_and_evaluates_the_celeba_model_with_vae(tmp_path, capfd):
     err = capfd.readouterr().err
     for bar in ("sampling", "Inception: reference images", "Inception: generated images"):
         assert bar in err, bar  # evaluate shows its progress
+
+
+def test_sample_runs_in_batches_and_refuses_a_giant_grid(saved_pipeline, tmp_path, capsys):
+    """`--num_images 400000` once filled the machine; images are now made --batch_size at a time."""
+    assert main(["sample", str(saved_pipeline), "--num_images", "5", "--batch_size", "2", "--no_grid",
+                 "--output_dir", str(tmp_path / "s")]) == 0  # fmt: skip
+    assert sorted(os.listdir(tmp_path / "s")) == [f"seed{i}.png" for i in range(5)]
+    assert main(["sample", str(saved_pipeline), "--num_images", "400000", "--output_dir", str(tmp_path)]) == 2
+    assert "too large: pass --no_grid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sample", "{pipe}", "--output_dir", "{file}"], "is a file, not a folder"),
+        (["train", "--config", "{bad_yaml}"], "is not valid YAML"),
+        (["train", "--train_data_dir", "x", "--resolution", "0"], "--resolution must be >= 1"),
+        (["train", "--train_data_dir", "{unreadable}", "--output_dir", "{out}", "--report_to", "none"], "no readable image"),
+        (["sample", "{pipe}", "--step_size", "nan"], "step_size must be a finite number"),
+    ],
+)
+def test_cli_error_paths_are_one_line_and_exit_2(argv, message, saved_pipeline, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "bad.yaml").write_text("learning_rate: [1, 2\n")
+    (tmp_path / "unreadable").mkdir()
+    (tmp_path / "unreadable" / "a.png").write_bytes(b"not a png")
+    names = {"pipe": saved_pipeline, "file": tmp_path / "afile", "bad_yaml": tmp_path / "bad.yaml",
+             "unreadable": tmp_path / "unreadable", "out": tmp_path / "out"}  # fmt: skip
+    assert main([a.format(**names) for a in argv]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "Loading pipeline components" not in line]
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err

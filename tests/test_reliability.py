@@ -397,3 +397,82 @@ def test_a_zero_byte_file_in_the_newest_checkpoint_falls_back_to_the_previous_on
     with caplog.at_level(logging.WARNING):
         step, path = resolve_resume(config)
     assert step == 2 and path.endswith("checkpoint-2") and "checkpoint-4 is incomplete" in caplog.text
+
+
+# ---------------------------------------------------------------------------- round 2: processes that must end
+
+
+def test_a_hanging_process_group_teardown_still_exits(tmp_path):
+    """gloo's teardown hung in 6 of 26 two-process runs: the worker exits anyway once its work is done."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import os, time\n"
+        "import torch.distributed as dist\n"
+        "from latent_dmmd.launch import run_worker\n"
+        "def main():\n"
+        "    dist.init_process_group('gloo', rank=0, world_size=1, store=dist.HashStore())\n"
+        "    open(os.environ['DONE'], 'w').write('pipeline written')\n"
+        "dist.destroy_process_group = lambda *a, **k: time.sleep(3600)  # the hang\n"
+        "run_worker(main, timeout=1.0)\n"
+    )
+    env = {**os.environ, "WORLD_SIZE": "2", "DONE": str(tmp_path / "done")}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and (tmp_path / "done").read_text() == "pipeline written"
+    assert "did not shut down within 1 s" in proc.stderr
+
+
+def test_killing_the_launcher_ends_its_workers(tmp_path):
+    """A worker that called die_with_parent() gets SIGTERM when its launcher is killed with SIGKILL."""
+    import signal
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    (tmp_path / "worker.py").write_text(
+        "import os, sys, time\n"
+        "from latent_dmmd.launch import die_with_parent\n"
+        "assert die_with_parent()\n"
+        "open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+        "time.sleep(3600)\n"
+    )
+    (tmp_path / "launcher.py").write_text(
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, sys.argv[1], sys.argv[2]])\n"
+        "time.sleep(3600)\n"
+    )
+    launcher = subprocess.Popen([sys.executable, str(tmp_path / "launcher.py"), str(tmp_path / "worker.py"), str(pid_file)])
+    try:
+        for _ in range(600):
+            if pid_file.exists() and pid_file.read_text():
+                break
+            time.sleep(0.1)
+        worker = int(pid_file.read_text())
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        for _ in range(100):
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break
+            with open(f"/proc/{worker}/stat") as f:
+                if f.read().split()[2] == "Z":  # exited, waiting to be reaped by init
+                    break
+            time.sleep(0.1)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            pytest.fail("the worker outlived its launcher")
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+@pytest.mark.parametrize("component, key, value", [("discriminator", "num_reference_levels", 10**9),
+                                                   ("discriminator", "sample_size", 10**6),
+                                                   ("scheduler", "num_train_timesteps", 10**10)])  # fmt: skip
+def test_huge_sizes_in_a_folders_configs_are_refused_before_anything_is_allocated(saved, component, key, value):
+    name = "config.json" if component == "discriminator" else "scheduler_config.json"
+    path = saved / component / name
+    config = json.loads(path.read_text())
+    config[key] = value
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"{key} = {value} is not a size"):
+        DMMDPipeline.from_pretrained(saved)
