@@ -5,7 +5,8 @@
         --name sampler_selection_celebahq64
 
 For every pipeline and every (schedule, eta) of --candidates: the energy distance (a bandwidth-free
-MMD) between 128 particles after T x N_s flow steps and 256 training latents of the latent cache.
+MMD) between 128 particles after T x N_s flow steps and 256 training latents of the latent cache
+(or, for a pixel model, 256 training images: --data).
 Cheap enough to run for every model of an ablation, so that each is scored with its own best sampler.
 Writes benchmarks/results/<name>.json.
 """
@@ -22,7 +23,9 @@ from common import write
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pipeline", action="append", required=True, help="NAME=FOLDER (repeatable)")
-    p.add_argument("--cache", required=True, help="the latent cache of the training data")
+    p.add_argument("--cache", default=None, help="the latent cache of the training data (latent models)")
+    p.add_argument("--data", default=None, help="training images, folder or IDX file (pixel models)")
+    p.add_argument("--resolution", type=int, default=32, help="image side for --data")
     p.add_argument("--candidates", nargs="+", default=["constant:1", "sigma2:3", "sigma2:10", "sigma2:30"],
                    help="SCHEDULE:ETA pairs")  # fmt: skip
     p.add_argument("--levels", type=int, default=10, help="T")
@@ -35,8 +38,18 @@ def main():
     from latent_dmmd.data import LatentCacheDataset
     from latent_dmmd.mmd import energy_distance
 
-    train = LatentCacheDataset(args.cache).tensors["mean"]
-    ref = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:256]]
+    if (args.cache is None) == (args.data is None):
+        p.error("give --cache (latent models) or --data (pixel models)")
+    if args.cache:
+        train = LatentCacheDataset(args.cache).tensors["mean"]
+        ref = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:256]]
+    else:
+        from latent_dmmd.data import build_image_dataset
+
+        ds = build_image_dataset(args.data, resolution=args.resolution, channels=1 if args.data.endswith(".gz") or
+                                 "idx" in args.data else 3)  # fmt: skip
+        picks = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:256].tolist()
+        ref = torch.stack([ds[i]["pixel_values"] for i in picks])
     out = {}
     for item in args.pipeline:
         name, folder = item.split("=", 1)
