@@ -198,6 +198,7 @@ def test_numpy_integers_are_integers(pipe):
         ({"num_inference_steps": 0}, "num_inference_steps"),
         ({"step_size": float("nan")}, "step_size"),
         ({"step_size": float("inf")}, "step_size"),
+        ({"step_size": 0.0}, "step_size must be > 0"),
         ({"noise_scale": float("nan")}, "noise_scale"),
     ],
 )

@@ -271,6 +271,10 @@ class DMMDPipeline(DiffusionPipeline):
                             ("score_weight", score_weight)):  # fmt: skip
             if value is not None and not (_is_real(value) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if step_size is not None and step_size <= 0:
+            raise ValueError(f"step_size must be > 0, got {step_size!r}: a zero step leaves the particles where they start")
+        if score_weight is not None and score_weight > 1:
+            raise ValueError(f"score_weight must lie in [0, 1], got {score_weight!r}")
         sched.set_timesteps(num_inference_steps, device=device, timesteps=timesteps)
         timesteps = sched.timesteps
         final_denoise = final_denoise or sched.config.final_denoise
