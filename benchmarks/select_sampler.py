@@ -46,8 +46,10 @@ def main():
     else:
         from latent_dmmd.data import build_image_dataset
 
-        ds = build_image_dataset(args.data, resolution=args.resolution, channels=1 if args.data.endswith(".gz") or
-                                 "idx" in args.data else 3)  # fmt: skip
+        from latent_dmmd import DMMDDiscriminator
+
+        channels = DMMDDiscriminator.load_config(args.pipeline[0].split("=", 1)[1], subfolder="discriminator")["in_channels"]
+        ds = build_image_dataset(args.data, resolution=args.resolution, channels=channels)
         picks = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:256].tolist()
         ref = torch.stack([ds[i]["pixel_values"] for i in picks])
     out = {}
