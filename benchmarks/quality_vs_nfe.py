@@ -111,6 +111,8 @@ def main():
                    help="which baseline samplers to score")
     p.add_argument("--ddpm_full", type=int, nargs="*", default=[],
                    help="extra DDPM-only NFE points (e.g. 1000: the full ancestral chain, the sanity check)")
+    p.add_argument("--real_features", default=None,
+                   help="file caching the reference set's Inception features: computed and saved if absent, else loaded")
     p.add_argument("--name", default="quality_vs_nfe", help="output file stem in benchmarks/results")
     args = p.parse_args()
 
@@ -144,8 +146,18 @@ def main():
             with torch.no_grad():
                 z = torch.zeros(1, c["in_channels"], c["sample_size"], c["sample_size"])
                 resolution = int(decode_latents(load_autoencoder(vae_dir), z).shape[-1])
-    for batch in reference_images(args.reference, resolution, args.reference_first_index, args.reference_count):
-        metric.update(batch, real=True)
+    if args.real_features and os.path.isfile(args.real_features):  # the reference set's features, computed once
+        saved = torch.load(args.real_features, weights_only=True)
+        if saved["key"] != [args.reference, args.reference_first_index, args.reference_count, resolution]:
+            p.error(f"{args.real_features} holds the features of another reference set: {saved['key']}")
+        metric.add_features(saved["features"], real=True)
+    else:
+        for batch in reference_images(args.reference, resolution, args.reference_first_index, args.reference_count):
+            metric.update(batch, real=True)
+        if args.real_features:
+            key = [args.reference, args.reference_first_index, args.reference_count, resolution]
+            torch.save({"key": key, "features": metric.real_features()}, args.real_features + ".tmp")
+            os.replace(args.real_features + ".tmp", args.real_features)
     if args.reuse_dmmd:  # DMMD rows of an earlier run with the same protocol (e.g. to redo the baselines)
         with open(args.reuse_dmmd) as f:  # a results JSON, or the JSON lines a run printed
             text = f.read()

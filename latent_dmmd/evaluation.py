@@ -156,6 +156,18 @@ class FIDKID:
             self.kid.update(x, real=real)
             self.counts["real" if real else "fake"] += x.shape[0]
 
+    def real_features(self) -> torch.Tensor:
+        """The Inception features of the real images added so far (N, 2048), e.g. to save and reuse."""
+        return torch.cat(self.kid.real_features)
+
+    def add_features(self, features: torch.Tensor, real: bool) -> None:
+        """Add Inception features computed earlier (``real_features``) instead of images."""
+        if self.extract is None:
+            raise ValueError("features can be added only with the offline Inception extractor")
+        self.fid.update(features.double(), real=real)
+        self.kid.update(features.double(), real=real)
+        self.counts["real" if real else "fake"] += features.shape[0]
+
     def compute(self) -> dict:
         subset = min(self.kid_subset_size, self.counts["real"], self.counts["fake"])
         self.kid.subset_size = subset

@@ -115,3 +115,18 @@ def test_update_feeds_the_extractor_in_chunks_with_the_same_result():
     assert max(extractor.batches[: 2 * 8]) == 7 and extractor.batches[-1] == 50
     assert abs(results[0]["fid"] - results[1]["fid"]) < 1e-6 * max(1.0, results[1]["fid"])
     assert results[0]["num_fake"] == results[1]["num_fake"] == 50
+
+
+def test_saved_reference_features_give_the_same_scores(inception):
+    """quality_vs_nfe --real_features: the reference set's features computed once and reused."""
+    g = torch.Generator().manual_seed(3)
+    real, fake = torch.rand(30, 3, 32, 32, generator=g), torch.rand(30, 3, 32, 32, generator=g) * 0.5
+    direct = FIDKID(kid_subset_size=10, extractor=inception)
+    direct.update(real, real=True)
+    direct.update(fake, real=False)
+    reused = FIDKID(kid_subset_size=10, extractor=inception)
+    reused.add_features(direct.real_features().clone(), real=True)
+    reused.update(fake, real=False)
+    a, b = direct.compute(), reused.compute()
+    assert a["num_real"] == b["num_real"] == 30
+    assert abs(a["fid"] - b["fid"]) < 1e-6 and abs(a["precision"] - b["precision"]) < 1e-9
