@@ -98,3 +98,38 @@ def tiny_autoencoder(seed: int = 0):
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
     )  # fmt: skip
+
+
+# End-to-end checks that take tens of seconds each on 2 CPU cores (training runs, subprocesses, the
+# Inception network): left out of the default `python -m pytest -q` so it stays within a few minutes;
+# `python -m pytest -q -m slow` runs them, and CI runs both.
+SLOW_TESTS = {
+    "test_cli.py": ["test_console_script_help", "test_demo_writes_png_and_metrics",
+                    "test_cli_samples_and_evaluates_the_celeba_model_with_vae"],
+    "test_evaluation.py": ["test_fid_is_near_zero_for_the_same_set_and_larger_for_a_different_one",
+                           "test_evaluate_script_writes_metrics_with_protocol",
+                           "test_update_feeds_the_extractor_in_chunks_with_the_same_result",
+                           "test_saved_reference_features_give_the_same_scores"],
+    "test_reliability.py": ["test_disk_full_during_the_final_export_leaves_the_previous_pipeline_loadable",
+                            "test_resume_applies_a_changed_learning_rate_and_refuses_a_changed_model",
+                            "test_a_fresh_run_into_a_finished_runs_folder_is_refused",
+                            "test_a_zero_byte_file_in_the_newest_checkpoint_falls_back_to_the_previous_one",
+                            "test_nan_steps_are_skipped_counted_then_stop_the_run",
+                            "test_a_second_concurrent_run_is_kept_out_by_the_lock",
+                            "test_a_hanging_process_group_teardown_still_exits",
+                            "test_killing_the_launcher_ends_its_workers",
+                            "test_two_processes_writing_the_same_cache_shard_leave_a_whole_file"],
+    "test_training.py": ["test_resume_reproduces_the_uninterrupted_run", "test_checkpoint_limit_prunes_only_after_a_complete_save",
+                         "test_level_balance_changes_training_and_the_log_reports_heldout_mmd_per_level",
+                         "test_gradient_accumulation_and_bf16_run"],
+    "test_kale.py": ["test_training_with_the_kale_objective_exports_a_sampling_pipeline"],
+    "test_diagnostics.py": ["test_trace_and_custom_grid_through_the_pipeline"],
+    "test_data.py": ["test_a_cache_of_images_that_changed_is_refused_naming_the_field",
+                     "test_missing_extra_and_truncated_shards_are_errors_naming_the_file"],
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.originalname in SLOW_TESTS.get(item.path.name, ()):
+            item.add_marker(pytest.mark.slow)

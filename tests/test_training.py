@@ -114,7 +114,7 @@ def test_stale_latent_cache_is_refused(tmp_path):
     run(tmp_path, "--pretrained_vae", tiny_vae_folder(tmp_path / "vae"), "--resolution", "16", steps=2)
     other = tiny_vae_folder(tmp_path / "vae2", scaling_factor=0.25, seed=1)
     with pytest.raises(ValueError, match="vae.scaling_factor"):
-        run(tmp_path, "--pretrained_vae", other, "--resolution", "16", steps=2)
+        run(tmp_path, "--pretrained_vae", other, "--resolution", "16", "--overwrite_output_dir", steps=2)
 
 
 @pytest.mark.parametrize("options", [(), ("--level_weighting", "normalized", "--pairing", "permuted"),
