@@ -198,8 +198,6 @@ def cmd_evaluate(args: argparse.Namespace, rest: list[str]) -> None:
     from .evaluation import evaluate_main
 
     record = evaluate_main(rest, prog="latent-dmmd evaluate")
-    if record is None:  # --help
-        return
     m = record["metrics"]
     print(f"FID {m['fid']:.2f}  KID {m['kid']:.4f} ± {m['kid_std']:.4f}  ({m['num_fake']} generated vs {m['num_real']} reference)")
 

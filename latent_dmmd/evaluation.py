@@ -325,9 +325,8 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8) -> np.ndarray:
     return grid
 
 
-def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> dict | None:
-    """``scripts/evaluate.py`` / ``latent-dmmd evaluate``: FID and KID of a pipeline against a reference set
-    (None after ``--help``)."""
+def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """``scripts/evaluate.py`` / ``latent-dmmd evaluate``: FID and KID of a pipeline against a reference set."""
     from .argparsing import FlagParser
 
     p = FlagParser(prog=prog, description="FID/KID of a DMMD pipeline against a reference image set")
@@ -346,12 +345,7 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> dic
     p.add_argument("--seed", type=int, default=0, help="first per-image seed")
     p.add_argument("--kid_subset_size", type=int, default=100, help="KID subset size (capped by the set sizes)")
     p.add_argument("--output", default="metrics.json", help="metrics JSON to write; a sample grid goes next to it")
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as stop:
-        if stop.code == 0:  # --help
-            return None
-        raise
+    args = p.parse_args(argv)  # --help exits here; `latent-dmmd evaluate` turns that into its status
 
     from tqdm.auto import tqdm
 

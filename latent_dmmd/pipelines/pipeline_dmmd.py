@@ -7,6 +7,7 @@ VAE decodes at the end). The particle loop itself is ``latent_dmmd.flow.sample_f
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Callable
 
@@ -368,14 +369,11 @@ class DMMDPipeline(DiffusionPipeline):
 
 def _is_int(value) -> bool:
     """A Python or NumPy integer (not a bool)."""
-    import numbers
-
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_real(value) -> bool:
-    import numbers
-
+    """A Python or NumPy real number (not a bool)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
