@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
 from latent_dmmd import DMMDPipeline
-from latent_dmmd.data import write_cache_shard
+from latent_dmmd.latent_cache import write_cache_shard
 
 from .conftest import tiny_pipeline, write_image_folder
 from .test_training import TINY_MODEL, load, run
@@ -98,9 +98,9 @@ def test_plain_diffusers_never_runs_folder_code_without_trust_remote_code(saved,
 
 
 def test_nan_steps_are_skipped_counted_then_stop_the_run(tmp_path, monkeypatch):
-    from latent_dmmd import training
+    from latent_dmmd.training import loop
 
-    real = training.dmmd_step_loss
+    real = loop.dmmd_step_loss
     calls = {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
@@ -110,7 +110,7 @@ def test_nan_steps_are_skipped_counted_then_stop_the_run(tmp_path, monkeypatch):
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(training, "dmmd_step_loss", sometimes_nan)
+    monkeypatch.setattr(loop, "dmmd_step_loss", sometimes_nan)
     run(tmp_path, steps=4)
     summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
     assert summary["bad_steps"] == 2
@@ -118,7 +118,7 @@ def test_nan_steps_are_skipped_counted_then_stop_the_run(tmp_path, monkeypatch):
     # now every step is bad: the run stops after --max_bad_steps, the last good checkpoint is untouched
     good = load_file(tmp_path / "out" / "checkpoint-4" / "model.safetensors")
     before = sorted(n for n in os.listdir(tmp_path / "out") if n.startswith("checkpoint-"))
-    monkeypatch.setattr(training, "dmmd_step_loss", lambda *a, **k: None)
+    monkeypatch.setattr(loop, "dmmd_step_loss", lambda *a, **k: None)
     with pytest.raises(RuntimeError, match="3 consecutive steps with NaN/inf"):
         run(tmp_path, "--resume_from_checkpoint", "latest", "--max_bad_steps", "3", steps=8)
     after = load_file(tmp_path / "out" / "checkpoint-4" / "model.safetensors")
@@ -127,7 +127,7 @@ def test_nan_steps_are_skipped_counted_then_stop_the_run(tmp_path, monkeypatch):
 
 
 KILLER = """
-import os, signal, sys
+import os, shutil, signal, sys
 import latent_dmmd.training as training
 where, at_step = sys.argv[1], int(sys.argv[2])
 saves = {"n": 0}
@@ -153,12 +153,12 @@ def save_state(self, output_dir=None, **kw):
     return out
 accelerate.Accelerator.save_state = save_state
 
-orig_rmtree = training.shutil.rmtree
+orig_rmtree = shutil.rmtree
 def rmtree(path, *a, **k):
     if where == "while_pruning" and os.path.basename(str(path)).startswith("checkpoint-"):
         die()
     return orig_rmtree(path, *a, **k)
-training.shutil.rmtree = rmtree
+shutil.rmtree = rmtree
 training.main(sys.argv[3:])
 """
 

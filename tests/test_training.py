@@ -246,12 +246,12 @@ def test_reference_statistics_average_each_sample_and_its_mirror_image(tmp_path)
     """With --random_flip the training distribution holds every image and its mirror image equally:
     m_P must be the mean over both, not over the unflipped images only."""
     from latent_dmmd.data import collate_skipping
-    from latent_dmmd.training import _image_dataset, reference_batches
+    from latent_dmmd.training import image_dataset, reference_batches
 
     data = str(tmp_path / "imgs")
     write_image_folder(data, n=8, size=12, seed=1)
     config = load_config(["--train_data_dir", data, "--resolution", "8", "--random_flip", "true"])
-    dataset = _image_dataset(config)
+    dataset = image_dataset(config)
     batch = collate_skipping([dataset[i] for i in range(len(dataset))])
     items = list(reference_batches(batch, config, "cpu"))
     assert len(items) == 2
