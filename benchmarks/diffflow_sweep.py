@@ -19,7 +19,7 @@ import json
 import os
 
 import torch
-from common import RESULTS, plt, write
+from common import RESULTS, add_name_arg, add_reference_args, plt, save_figure, write
 
 
 def evaluate(pipe, metric, args, label, **call):
@@ -53,9 +53,7 @@ def main():
     p.add_argument("--dmmd", required=True, help="DMMD pipeline folder")
     p.add_argument("--ddpm", required=True, help="--method ddpm baseline folder: its UNet is the score model")
     p.add_argument("--kale", default=None, help="pipeline folder of a KALE critic trained on the same data")
-    p.add_argument("--reference", required=True, help="reference images (folder or IDX file)")
-    p.add_argument("--reference_first_index", type=int, default=0)
-    p.add_argument("--reference_count", type=int, default=None)
+    add_reference_args(p, "reference images")
     p.add_argument("--statistics_data", required=True, help="latent cache: statistics for the adaptive grid and the trace")
     p.add_argument("--levels", type=int, default=10, help="T (fixed)")
     p.add_argument("--flow_steps", type=int, default=2, help="N_s (fixed): NFE = T x N_s")
@@ -66,13 +64,13 @@ def main():
     p.add_argument("--num_samples", type=int, default=500)
     p.add_argument("--batch_size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", default="diffflow_sweep")
+    add_name_arg(p, "diffflow_sweep")
     args = p.parse_args()
 
     from diffusers import UNet2DModel
 
     from latent_dmmd import DMMDPipeline
-    from latent_dmmd.data import LatentCacheDataset
+    from latent_dmmd.latent_cache import LatentCacheDataset
     from latent_dmmd.diagnostics import adaptive_grid, plot_effective_noise, trace_effective_noise
     from latent_dmmd.evaluation import FIDKID, generate, output_resolution, reference_images, save_grid
 
@@ -146,9 +144,7 @@ def main():
     axes[1].set(xlabel="score weight w (0: DMMD + score churn, 1: annealed Langevin)", ylabel="FID",
                 title=f"score mode, g0={args.weight_noise_scale}")  # fmt: skip
     ax2.set_ylabel("recall")
-    fig.tight_layout()
-    fig.savefig(path.replace(".json", ".png"), dpi=90)
-    print("wrote", path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

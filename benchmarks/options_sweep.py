@@ -21,7 +21,7 @@ import os
 import sys
 
 import torch
-from common import plt, write
+from common import add_name_arg, add_reference_args, plt, save_figure, write
 
 VARIANTS = {  # name: training overrides on top of the base config
     "base (l2=feature, gp=1)": [],
@@ -58,19 +58,17 @@ def main():
         train_args, argv = argv[start + 1 : end], argv[:start] + argv[end + 1 :]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="base training config")
-    p.add_argument("--reference", required=True)
-    p.add_argument("--reference_first_index", type=int, default=0)
-    p.add_argument("--reference_count", type=int, default=None)
+    add_reference_args(p, "reference images")
     p.add_argument("--nfe", type=int, default=20, help="the fixed NFE")
     p.add_argument("--levels", type=int, nargs="+", default=[5, 10, 20], help="T values of the split sweep")
     p.add_argument("--num_samples", type=int, default=500)
     p.add_argument("--batch_size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", default="options_sweep")
+    add_name_arg(p, "options_sweep")
     args = p.parse_args(argv)
 
     from latent_dmmd import DMMDPipeline
-    from latent_dmmd.data import LatentCacheDataset
+    from latent_dmmd.latent_cache import LatentCacheDataset
     from latent_dmmd.evaluation import FIDKID, generate, output_resolution, reference_images
     from latent_dmmd.reference import compute_reference_statistics
     from latent_dmmd.training import load_config
@@ -115,9 +113,7 @@ def main():
     ax.barh([r["label"] for r in rows], [r["fid"] for r in rows], color="C0")
     ax.invert_yaxis()
     ax.set(xlabel=f"FID ({args.num_samples} samples, NFE {args.nfe})", title="Open options of DMMD")
-    fig.tight_layout()
-    fig.savefig(path.replace(".json", ".png"), dpi=90)
-    print("wrote", path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import os
 import time
 
 import torch
-from common import plt, write
+from common import add_name_arg, add_reference_args, plt, save_figure, write
 
 
 def dmmd_points(pipe, nfes, levels_list, args, metric, stats_data, model="dmmd"):
@@ -91,9 +91,7 @@ def main():
     p.add_argument("--dmmd", action="append", default=[],
                    help="DMMD pipeline folder, or NAME=FOLDER (repeatable: every model is scored at every point)")
     p.add_argument("--ddpm", default=None, help="baseline folder written by --method ddpm (unet/, scheduler/, vae/)")
-    p.add_argument("--reference", required=True, help="reference images (folder or IDX file)")
-    p.add_argument("--reference_first_index", type=int, default=0, help="first reference image")
-    p.add_argument("--reference_count", type=int, default=None, help="reference images (default: all)")
+    add_reference_args(p, "reference images")
     p.add_argument("--nfe", type=int, nargs="*", default=[10, 20, 50, 100], help="NFE values (none: only --ddpm_full points)")
     p.add_argument("--levels", type=int, nargs="+", default=[5, 10], help="DMMD T values to split each NFE into")
     p.add_argument("--num_samples", type=int, default=500, help="generated images per point")
@@ -113,11 +111,11 @@ def main():
                    help="extra DDPM-only NFE points (e.g. 1000: the full ancestral chain, the sanity check)")
     p.add_argument("--real_features", default=None,
                    help="file caching the reference set's Inception features: computed and saved if absent, else loaded")
-    p.add_argument("--name", default="quality_vs_nfe", help="output file stem in benchmarks/results")
+    add_name_arg(p, "quality_vs_nfe")
     args = p.parse_args()
 
     from latent_dmmd import DMMDPipeline
-    from latent_dmmd.data import LatentCacheDataset
+    from latent_dmmd.latent_cache import LatentCacheDataset
     from latent_dmmd.evaluation import FIDKID, output_resolution, reference_images
 
     models = [item.split("=", 1) if "=" in item else ("dmmd", item) for item in args.dmmd]
@@ -184,9 +182,7 @@ def main():
     ax.set(xscale="log", xlabel="NFE", ylabel=f"FID ({args.num_samples} samples)")
     ax_r.set(xscale="log", xlabel="NFE", ylabel="recall (k-NN, k = 3)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path.replace(".json", ".png"), dpi=90)
-    print("wrote", path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import argparse
 import json
 
 import torch
-from common import write
+from common import add_name_arg, write
 
 
 def main():
@@ -31,11 +31,11 @@ def main():
     p.add_argument("--levels", type=int, default=10, help="T")
     p.add_argument("--flow_steps", type=int, default=2, help="N_s")
     p.add_argument("--num_images", type=int, default=128, help="particles")
-    p.add_argument("--name", default="sampler_selection", help="output file stem in benchmarks/results")
+    add_name_arg(p, "sampler_selection")
     args = p.parse_args()
 
     from latent_dmmd import DMMDPipeline
-    from latent_dmmd.data import LatentCacheDataset
+    from latent_dmmd.latent_cache import LatentCacheDataset
     from latent_dmmd.mmd import energy_distance
 
     if (args.cache is None) == (args.data is None):

@@ -1,5 +1,5 @@
-"""Files that are either whole or absent: folders written aside and renamed into place, fsynced
-first; a check that a checkpoint folder is complete; a lock that keeps a second run out of a folder.
+"""Files that are either whole or absent: files and folders written aside and renamed into place,
+folders fsynced first; a check that a checkpoint folder is complete; a lock that keeps a second run out of a folder.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import errno
 import logging
 import os
 import shutil
+import tempfile
 import zipfile
 from collections.abc import Iterator
 
@@ -32,6 +33,25 @@ def _fsync_dir(path: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def write_file_atomically(path: str, write) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place: ``path`` is
+    the old file or the new one, never a torn one. The file gets the permissions a plain ``open``
+    would give (``mkstemp`` makes 0600); on any error the temporary file is removed."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(name)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 @contextlib.contextmanager

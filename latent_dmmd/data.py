@@ -1,5 +1,5 @@
-"""Datasets (image folders, Hugging Face datasets, IDX files), image transforms and the
-index-keyed latent cache.
+"""Datasets (image folders, Hugging Face datasets, IDX files) and image transforms (the latent cache
+of encoded datasets is ``latent_dmmd.latent_cache``).
 
 Images come out as float tensors in [-1, 1], shape (C, H, W). A file that cannot be read
 is skipped: its item is ``None``, ``collate_skipping`` drops it and counts it in the
@@ -10,18 +10,15 @@ hours into a run because of one bad JPEG.
 from __future__ import annotations
 
 import gzip
-import json
 import logging
 import os
 import struct
-import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile
-from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset, default_collate
 
 logger = logging.getLogger(__name__)
@@ -246,225 +243,3 @@ def collate_skipping(items: list) -> dict:
     batch = default_collate(kept) if kept else {}
     batch["skipped"] = len(items) - len(kept)
     return batch
-
-
-# ---------------------------------------------------------------------------- latent cache
-
-
-CACHE_META = "meta.json"
-
-
-@dataclass
-class CacheMeta:
-    """What a latent cache was made from; a run whose meta differs must not use it."""
-
-    vae: dict
-    resolution: int
-    center_crop: bool
-    dataset: str
-    count: int
-    flip_variants: bool
-    latent_shape: list
-    # hash over the source files' names, sizes and modification times (caches before it: "")
-    source_digest: str = ""
-    shards: int = 1  # processes that wrote the cache: latents-r-of-<shards> for r < shards
-    kept: int = -1  # latents in the cache (count minus unreadable images); -1: not recorded
-
-    def mismatches(self, other: CacheMeta) -> list[str]:
-        """Names of the fields (VAE fields as ``vae.<name>``) that differ from ``other``."""
-        bad = []
-        for key, value in asdict(self).items():
-            theirs = getattr(other, key)
-            if key == "vae":
-                bad += [f"vae.{k}" for k in sorted(set(value) | set(theirs)) if value.get(k) != theirs.get(k)]
-            elif value != theirs and key not in ("latent_shape", "shards", "kept"):
-                bad.append(key)
-        return bad
-
-
-def source_digest(dataset) -> str:
-    """SHA-256 over what a dataset reads: each image file's path (relative), size and mtime, the IDX
-    file's, or a Hugging Face dataset's fingerprint. A replaced, added or removed image changes it."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    files = getattr(dataset, "files", None)
-    if files is None and os.path.isfile(getattr(dataset, "source", "") or ""):
-        files = [dataset.source]
-    if files is not None:
-        root = os.path.commonpath([os.path.abspath(f) for f in files]) if len(files) > 1 else ""
-        for path in files:
-            st = os.stat(path)
-            digest.update(f"{os.path.relpath(path, root) if root else os.path.basename(path)}|{st.st_size}|"
-                          f"{st.st_mtime_ns}\n".encode())  # fmt: skip
-    else:
-        digest.update(str(getattr(getattr(dataset, "ds", None), "_fingerprint", dataset.source)).encode())
-    return digest.hexdigest()
-
-
-def _default_mode() -> int:
-    """The permissions a plain ``open(..., "w")`` would give (mkstemp files are 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _atomic_save(tensors: dict, path: str) -> None:
-    """Write safetensors to a temporary file in the same folder, then rename into place."""
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _atomic_write_json(obj, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.chmod(tmp, _default_mode())
-    os.replace(tmp, path)
-
-
-def shard_name(rank: int, world: int) -> str:
-    return f"latents-{rank:05d}-of-{world:05d}.safetensors"
-
-
-@torch.no_grad()
-def encode_shard(dataset, vae, indices: list[int], batch_size: int, flip_variants: bool, progress: bool = False):
-    """Encode ``indices`` of an image dataset: returns tensors for one cache shard and a skip count."""
-    from tqdm.auto import tqdm
-
-    from .autoencoders import encode_images
-
-    kept, means, stds, skipped = [], [], [], 0
-    variants = (False, True) if flip_variants else (False,)
-    for start in tqdm(range(0, len(indices), batch_size), desc="encoding latents", disable=not progress):
-        chunk = indices[start : start + batch_size]
-        for flip in variants:
-            images = [dataset.load(i, flip=flip) for i in chunk]
-            ok = [(i, im) for i, im in zip(chunk, images) if im is not None]
-            if not flip:
-                skipped += len(chunk) - len(ok)
-                kept += [i for i, _ in ok]
-            if ok:
-                post = encode_images(vae, torch.stack([im for _, im in ok]).to(next(vae.parameters()).device))
-                means.append((flip, post.mean.cpu()))
-                stds.append((flip, post.std.cpu()))
-    out = {"index": torch.tensor(kept, dtype=torch.long)}
-    for flip in variants:
-        suffix = "_flip" if flip else ""
-        m = [t for f, t in means if f == flip]
-        s = [t for f, t in stds if f == flip]
-        out["mean" + suffix] = torch.cat(m) if m else torch.empty(0)
-        std = torch.cat(s) if s else torch.empty(0)
-        if bool(std.any()):  # deterministic autoencoders (TAEF2, AutoencoderTiny) store no std
-            out["std" + suffix] = std
-    return out, skipped
-
-
-def write_cache_shard(cache_dir: str, tensors: dict, rank: int, world: int) -> str:
-    os.makedirs(cache_dir, exist_ok=True)
-    path = os.path.join(cache_dir, shard_name(rank, world))
-    _atomic_save(tensors, path)
-    return path
-
-
-def write_cache_meta(cache_dir: str, meta: CacheMeta) -> None:
-    _atomic_write_json(asdict(meta), os.path.join(cache_dir, CACHE_META))
-
-
-def read_cache_meta(cache_dir: str) -> CacheMeta | None:
-    path = os.path.join(cache_dir, CACHE_META)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return CacheMeta(**json.load(f))
-
-
-def check_cache(cache_dir: str, expected: CacheMeta) -> None:
-    """Refuse a cache made from another VAE, scaling, resolution, crop or dataset, or from images
-    that changed since (``source_digest``: a replaced, added or removed file)."""
-    meta = read_cache_meta(cache_dir)
-    if meta is None:
-        raise ValueError(f"{cache_dir} is not a complete latent cache (no {CACHE_META})")
-    bad = meta.mismatches(expected)
-    if bad:
-        detail = ", ".join(f"{k}: cache has {_short(_lookup(meta, k))!r}, run needs {_short(_lookup(expected, k))!r}"
-                           for k in bad)  # fmt: skip
-        why = " (the images changed since the cache was built)" if "source_digest" in bad else ""
-        raise ValueError(f"latent cache {cache_dir} does not match this run ({detail}){why}; rebuild it with "
-                         f"--rebuild_cache, or use another --latent_cache_dir")  # fmt: skip
-
-
-def _short(value):
-    return value[:12] if isinstance(value, str) and len(value) == 64 else value
-
-
-def remove_shards(cache_dir: str) -> None:
-    """Delete a cache's shards and meta (before a rebuild, so no stale shard survives it)."""
-    if not os.path.isdir(cache_dir):
-        return
-    for name in os.listdir(cache_dir):
-        if name == CACHE_META or (name.startswith("latents-") and name.endswith(".safetensors")):
-            os.remove(os.path.join(cache_dir, name))
-
-
-def _lookup(meta: CacheMeta, key: str):
-    if key.startswith("vae."):
-        return meta.vae.get(key[4:])
-    return getattr(meta, key)
-
-
-class LatentCacheDataset(Dataset):
-    """Cached posteriors keyed by dataset index. Items hold ``mean`` and ``std`` (and their flipped
-    variants), so each training step draws a fresh latent and a fresh flip choice. Deterministic
-    autoencoders have no ``std``: their latent is the mean."""
-
-    def __init__(self, cache_dir: str, expected: CacheMeta | None = None):
-        if expected is not None:
-            check_cache(cache_dir, expected)
-        self.meta = read_cache_meta(cache_dir)
-        if self.meta is None:
-            raise ValueError(f"{cache_dir} is not a complete latent cache (no {CACHE_META})")
-        shards = sorted(f for f in os.listdir(cache_dir) if f.startswith("latents-") and f.endswith(".safetensors"))
-        if not shards:
-            raise ValueError(f"latent cache {cache_dir} has no shards")
-        expected_shards = [shard_name(r, self.meta.shards) for r in range(self.meta.shards)]
-        missing = sorted(set(expected_shards) - set(shards))
-        extra = sorted(set(shards) - set(expected_shards))
-        if missing or extra:
-            raise ValueError(f"latent cache {cache_dir} was written by {self.meta.shards} process(es) but "
-                             + (f"misses {missing[0]}" if missing else f"also holds {extra[0]} (from another build)")
-                             + "; rebuild it with --rebuild_cache")  # fmt: skip
-        parts = []
-        for name in shards:
-            try:
-                parts.append(load_file(os.path.join(cache_dir, name)))
-            except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-                raise ValueError(f"latent cache shard {os.path.join(cache_dir, name)} is unreadable (truncated or "
-                                 f"corrupted: {err}); rebuild the cache with --rebuild_cache") from err  # fmt: skip
-        index = torch.cat([p["index"] for p in parts])
-        if len(index) != len(set(index.tolist())) or (self.meta.kept >= 0 and len(index) != self.meta.kept):
-            raise ValueError(f"latent cache {cache_dir} holds {len(index)} latents where its meta says "
-                             f"{self.meta.kept} distinct ones; rebuild it with --rebuild_cache")  # fmt: skip
-        order = index.argsort()
-        self.index = index[order]
-        self.tensors = {k: torch.cat([p[k] for p in parts])[order] for k in parts[0] if k != "index"}
-        if len(self.index) == 0:
-            raise ValueError(f"latent cache {cache_dir} holds no latents")
-        self.deterministic = not any(k.startswith("std") for k in self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> dict:
-        item = {"index": int(self.index[i])}
-        item.update({k: v[i] for k, v in self.tensors.items()})
-        return item

@@ -10,16 +10,12 @@ import torch
 from PIL import Image
 
 from latent_dmmd.autoencoders import vae_identity
-from latent_dmmd.data import (
+from latent_dmmd.data import ImageFolderDataset, ImageTransform, build_image_dataset, collate_skipping, read_idx
+from latent_dmmd.latent_cache import (
     CacheMeta,
-    ImageFolderDataset,
-    ImageTransform,
     LatentCacheDataset,
-    build_image_dataset,
     check_cache,
-    collate_skipping,
     encode_shard,
-    read_idx,
     write_cache_meta,
     write_cache_shard,
 )
