@@ -216,8 +216,24 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 
 def cmd_card(args: argparse.Namespace) -> None:
-    from .hub import write_model_card
+    from .hub import ship_run, write_model_card
 
+    if args.from_run:
+        sample_grid = args.sample_grid is not None
+        if sample_grid and args.sample_grid != WRITE_SAMPLES:
+            raise UserError("with --from-run, --sample-grid takes no file: it writes samples.png from the model")
+        if args.config:
+            raise UserError("with --from-run the training config is the run's config.yaml; drop --config")
+        path = ship_run(args.from_run, args.folder, drop_vae=args.drop_vae, sample_grid=sample_grid,
+                        metrics_file=args.metrics, benchmark=args.metrics_from_benchmark,
+                        benchmark_model=args.benchmark_model, repo_id=args.repo_id, datasets=args.dataset,
+                        data_terms=args.data_terms, vae_note=args.vae_note, limitations=args.limitation)  # fmt: skip
+        print(f"wrote {path}")
+        return
+    if args.drop_vae or args.metrics_from_benchmark:
+        raise UserError("--drop-vae and --metrics-from-benchmark need --from-run RUN")
+    if args.sample_grid == WRITE_SAMPLES:
+        raise UserError("--sample-grid without a file needs --from-run RUN (name a PNG inside the folder instead)")
     if not os.path.isfile(os.path.join(args.folder, "model_index.json")):
         raise UserError(f"not a pipeline folder (no model_index.json): {args.folder}")
     for path in (args.metrics, args.config):
@@ -231,9 +247,12 @@ def cmd_card(args: argparse.Namespace) -> None:
             config = yaml.safe_load(f)
     path = write_model_card(
         args.folder, config, metrics_file=args.metrics, sample_grid=args.sample_grid, repo_id=args.repo_id,
-        datasets=args.dataset, data_terms=args.data_terms, vae_note=args.vae_note,
+        datasets=args.dataset, data_terms=args.data_terms, vae_note=args.vae_note, limitations=args.limitation or None,
     )  # fmt: skip
     print(f"wrote {path}")
+
+
+WRITE_SAMPLES = "<write samples.png>"
 
 
 # ---------------------------------------------------------------------------- parser
@@ -321,15 +340,27 @@ def build_parser() -> argparse.ArgumentParser:
                       help="environment variable holding a token (default: huggingface_hub's own login)")  # fmt: skip
     push.set_defaults(func=cmd_push)
 
-    card = sub.add_parser("card", formatter_class=fmt, help="write or refresh the model card (README.md) of a pipeline folder")
-    card.add_argument("folder", help="pipeline folder")
+    card = sub.add_parser("card", formatter_class=fmt,
+                          help="write or refresh the model card (README.md) of a pipeline folder, or ship a run "
+                               "as a model folder with --from-run")  # fmt: skip
+    card.add_argument("folder", help="pipeline folder (with --from-run: the model folder to write, replaced if it exists)")
+    card.add_argument("--from-run", default=None,
+                      help="training run folder (pipeline/, config.yaml, training_summary.json) to ship as FOLDER")  # fmt: skip
+    card.add_argument("--drop-vae", action="store_true", help="with --from-run: save without the autoencoder's weights")
     card.add_argument("--metrics", default=None, help="metrics.json from latent-dmmd evaluate")
+    card.add_argument("--metrics-from-benchmark", default=None,
+                      help="with --from-run: benchmarks/results/quality_*.json instead of --metrics, its DMMD row at "
+                           "the model's own sampler settings")  # fmt: skip
+    card.add_argument("--benchmark-model", default=None, help="the model name of that row (several in one benchmark)")
     card.add_argument("--config", default=None, help="training config YAML (default: ../config.yaml if present)")
-    card.add_argument("--sample-grid", default=None, help="PNG path (relative to the folder) shown in the card")
+    card.add_argument("--sample-grid", nargs="?", const=WRITE_SAMPLES, default=None,
+                      help="PNG path (relative to the folder) shown in the card; with --from-run and no path, "
+                           "write samples.png (16 images, seed 0; not for face data)")  # fmt: skip
     card.add_argument("--repo-id", default=None, help="Hub id used in the card's loading code")
     card.add_argument("--dataset", nargs="+", default=None, help="Hub dataset ids for the card metadata")
     card.add_argument("--data-terms", default=None, help="terms of the training data, stated under limitations")
     card.add_argument("--vae-note", default=None, help="how to attach the autoencoder, when it is not in the folder")
+    card.add_argument("--limitation", action="append", default=[], help="extra limitation bullet (repeatable)")
     card.set_defaults(func=cmd_card)
     return parser
 

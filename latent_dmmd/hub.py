@@ -182,6 +182,8 @@ def write_model_card(
         m, proto = record["metrics"], record["protocol"]
         metrics = {"FID": f"{m['fid']:.2f}", "KID": f"{m['kid']:.4f} ± {m['kid_std']:.4f}",
                    "generated / reference images": f"{m['num_fake']} / {m['num_real']}"}  # fmt: skip
+        if m.get("precision") is not None and m.get("recall") is not None:
+            metrics["precision / recall (k-NN)"] = f"{m['precision']:.3f} / {m['recall']:.3f}"
         protocol = (f"{proto['nfe']} NFE ({proto['forward_equivalents']} forward-equivalents), "
                     f"{proto['sampler'].get('particles_per_batch')} particles per batch, reference "
                     f"{proto['reference']['path']} from index {proto['reference']['first_index']} "
@@ -260,3 +262,75 @@ def write_model_card(
     path = os.path.join(folder, "README.md")
     card.save(path)
     return path
+
+
+def benchmark_metrics(pipe, benchmark: str, path: str, resolution: int, model: str | None = None) -> None:
+    """Write a ``metrics.json`` (the ``latent-dmmd evaluate`` format) from the DMMD row of a quality
+    benchmark (``benchmarks/results/quality_*.json``) that used this pipeline's own sampler (T, N_s,
+    step size); ``model`` names the row's model when the benchmark scored several."""
+    from .evaluation import sampling_protocol, write_metrics
+
+    with open(benchmark) as f:
+        record = json.load(f)
+    cfg = pipe.scheduler.config
+    rows = [r for r in record["rows"] if r["method"] == "dmmd" and r["levels"] == cfg.num_inference_steps
+            and r["flow_steps"] == cfg.flow_steps_per_level and r.get("step_size") == cfg.step_size
+            and (model is None or r.get("model", "dmmd") == model)]  # fmt: skip
+    if not rows:
+        raise ValueError(f"{benchmark} has no DMMD row at T={cfg.num_inference_steps}, N_s={cfg.flow_steps_per_level}, "
+                         f"eta={cfg.step_size}" + (f" for model {model!r}" if model else ""))  # fmt: skip
+    row, a = rows[0], record["args"]
+    folders = a["dmmd"] if isinstance(a["dmmd"], list) else [a["dmmd"]]  # NAME=FOLDER items, or one folder
+    named = dict(item.split("=", 1) if "=" in item else ("dmmd", item) for item in folders)
+    protocol = sampling_protocol(pipe, named.get(row.get("model", "dmmd"), folders[0]), row["num_fake"], row["num_real"],
+                                 resolution, a["reference"], a["reference_first_index"],
+                                 row["seconds_per_image"] * row["num_fake"], {}, particles_per_batch=a["batch_size"],
+                                 seed=a["seed"])  # fmt: skip
+    protocol["source"] = benchmark
+    keys = ("fid", "kid", "kid_std", "num_fake", "num_real", "precision", "recall")
+    write_metrics(path, {k: row[k] for k in keys if k in row}, protocol)
+
+
+def ship_run(run: str, dest: str, *, drop_vae: bool = False, sample_grid: bool = False, metrics_file: str | None = None,
+             benchmark: str | None = None, benchmark_model: str | None = None, **card) -> str:  # fmt: skip
+    """Turn a training run (``pipeline/``, ``config.yaml``, ``training_summary.json``) into a model
+    folder ``dest`` with its card, replacing ``dest`` only once the new folder is complete.
+
+    ``drop_vae`` saves the discriminator and scheduler only (the discriminator keeps the autoencoder
+    contract it was trained with, so a mismatched autoencoder is refused later); ``sample_grid``
+    writes ``samples.png`` (16 images, seed 0; never for face data); ``benchmark`` takes the card's
+    numbers from a quality benchmark's row (:func:`benchmark_metrics`); ``card`` goes to
+    :func:`write_model_card` (datasets, data_terms, vae_note, limitations, repo_id).
+    """
+    import tempfile
+
+    import torch
+    import yaml
+
+    from .atomic import replace_folder
+    from .evaluation import output_resolution, save_grid
+    from .pipelines import DMMDPipeline
+
+    for name in ("pipeline/model_index.json", "config.yaml", "training_summary.json"):
+        if not os.path.isfile(os.path.join(run, name)):
+            raise ValueError(f"{run} is not a finished training run: no {name}")
+    pipe = DMMDPipeline.from_pretrained(os.path.join(run, "pipeline"))
+    resolution = output_resolution(pipe)
+    if drop_vae:
+        pipe = DMMDPipeline(discriminator=pipe.discriminator, scheduler=pipe.scheduler)
+    with open(os.path.join(run, "config.yaml")) as f:
+        config = yaml.safe_load(f)
+    with open(os.path.join(run, "training_summary.json")) as f:
+        info = json.load(f)
+    with replace_folder(dest) as tmp, tempfile.TemporaryDirectory() as scratch:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if sample_grid:
+            pipe.set_progress_bar_config(disable=True)
+            images = pipe(num_images=16, generator=torch.Generator().manual_seed(0), output_type="pt").images
+            save_grid(images, os.path.join(tmp, "samples.png"), nrow=8)
+        if benchmark:
+            metrics_file = os.path.join(scratch, "metrics.json")
+            benchmark_metrics(pipe, benchmark, metrics_file, resolution, benchmark_model)
+        write_model_card(tmp, config, info, metrics_file=metrics_file, sample_grid="samples.png" if sample_grid else None,
+                         name=card.pop("name", None) or os.path.basename(os.path.normpath(dest)), **card)  # fmt: skip
+    return dest

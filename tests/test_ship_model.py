@@ -1,6 +1,5 @@
-"""scripts/ship_model.py: a run folder becomes a model folder without the autoencoder, with its card."""
+"""`latent-dmmd card FOLDER --from-run RUN`: a run folder becomes a model folder without the autoencoder, with its card."""
 
-import importlib.util
 import json
 import os
 
@@ -8,19 +7,10 @@ import torch
 import yaml
 
 from latent_dmmd import DMMDPipeline
+from latent_dmmd.cli import main as cli
 from latent_dmmd.models.discriminator import vae_contract
 
 from .conftest import tiny_autoencoder, tiny_pipeline
-
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "ship_model.py")
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("ship_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_ship_without_vae_keeps_the_contract_and_takes_numbers_from_the_benchmark(tmp_path):
     vae = tiny_autoencoder()
@@ -44,9 +34,9 @@ def test_ship_without_vae_keeps_the_contract_and_takes_numbers_from_the_benchmar
     }))  # fmt: skip
 
     dest = tmp_path / "models" / "tiny"
-    load_script().main([str(run), str(dest), "--drop-vae", "--metrics-from-benchmark", str(bench),
-                        "--data-terms", "non-commercial research only", "--vae-note", "attach it with load_x",
-                        "--limitation", "trained for five minutes"])  # fmt: skip
+    assert cli(["card", str(dest), "--from-run", str(run), "--drop-vae", "--metrics-from-benchmark", str(bench),
+                "--data-terms", "non-commercial research only", "--vae-note", "attach it with load_x",
+                "--limitation", "trained for five minutes"]) == 0  # fmt: skip
 
     files = sorted(os.path.relpath(os.path.join(r, f), dest) for r, _, fs in os.walk(dest) for f in fs)
     assert not any(f.startswith("vae") for f in files) and not any(f.endswith(".png") for f in files), files
@@ -63,15 +53,28 @@ def test_ship_without_vae_keeps_the_contract_and_takes_numbers_from_the_benchmar
     assert torch.allclose(gen(attached), gen(full), atol=1e-5)
 
 
-def test_a_benchmark_without_the_models_own_sampler_row_is_refused(tmp_path):
-    import pytest
-
+def test_a_benchmark_without_the_models_own_sampler_row_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
     tiny_pipeline().save_pretrained(run / "pipeline")
     (run / "config.yaml").write_text("resolution: 8\n")
     (run / "training_summary.json").write_text("{}")
     bench = tmp_path / "q.json"
     bench.write_text(json.dumps({"args": {}, "rows": [{"method": "dmmd", "levels": 99, "flow_steps": 1}]}))
-    with pytest.raises(SystemExit, match="no DMMD row"):
-        load_script().main([str(run), str(tmp_path / "out"), "--metrics-from-benchmark", str(bench)])
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+    assert cli(["card", str(tmp_path / "out"), "--from-run", str(run), "--metrics-from-benchmark", str(bench)]) == 2
+    assert "no DMMD row" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["q.json", "run"]  # no half-written folder left behind
+
+
+def test_ship_writes_the_sample_grid_and_card_flags_that_need_a_run_are_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    tiny_pipeline().save_pretrained(run / "pipeline")
+    (run / "config.yaml").write_text("resolution: 8\n")
+    (run / "training_summary.json").write_text(json.dumps({"train_steps": 3}))
+    dest = tmp_path / "model"
+    assert cli(["card", str(dest), "--from-run", str(run), "--sample-grid"]) == 0
+    assert (dest / "samples.png").is_file() and "samples.png" in (dest / "README.md").read_text()
+    for flags in (["--drop-vae"], ["--sample-grid"], ["--metrics-from-benchmark", "q.json"]):
+        assert cli(["card", str(dest), *flags]) == 2
+        assert "--from-run" in capsys.readouterr().err
+    assert cli(["card", str(tmp_path / "x"), "--from-run", str(tmp_path / "nothing")]) == 2
+    assert "not a finished training run" in capsys.readouterr().err
