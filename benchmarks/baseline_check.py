@@ -16,21 +16,19 @@ import json
 import os
 
 import torch
-from common import plt, write
+from common import add_name_arg, add_reference_args, plt, save_figure, write
 from flow_diagnostics import heldout_particles
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ddpm", required=True, help="baseline folder written by --method ddpm (unet/, scheduler/, vae/)")
-    p.add_argument("--data", required=True, help="images (folder or IDX file)")
-    p.add_argument("--first_index", type=int, default=0, help="first held-out image")
-    p.add_argument("--count", type=int, default=500, help="images per set")
+    add_reference_args(p, "images", count=500, prefix="data")
     p.add_argument("--train_first_index", type=int, default=None, help="first training image (to compare with)")
     p.add_argument("--train_data", default=None, help="training images if not --data (e.g. the train IDX file)")
     p.add_argument("--resolution", type=int, default=64, help="image resolution")
     p.add_argument("--channels", type=int, default=3, help="image channels in pixel space")
-    p.add_argument("--name", default="baseline_check", help="output file stem in benchmarks/results")
+    add_name_arg(p, "baseline_check")
     args = p.parse_args()
 
     from diffusers import DDPMScheduler, UNet2DModel
@@ -56,9 +54,7 @@ def main():
         ax.plot([r["t"] for r in rows], [r["eps_mse"] for r in rows], "o-", label=name)
     ax.set(xlabel="level t", ylabel="epsilon MSE per coordinate", yscale="log", title="DDPM baseline denoising error")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out.replace(".json", ".png"), dpi=100)
-    print("wrote", out)
+    save_figure(fig, out, dpi=100)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmark scripts: timing, JSON + plot output, model builders."""
+"""Shared helpers of the benchmark scripts: the reference-set and output flags, timing, JSON + plot output
+(with the environment record), model builders."""
 
 from __future__ import annotations
 
@@ -39,6 +40,19 @@ def timeit_pair(a, b, repeats: int = 5, warmup: int = 1) -> tuple[dict, dict]:
     return summary(ta), summary(tb)
 
 
+def add_reference_args(p, what: str = "reference images", count: int | None = None, prefix: str = "reference") -> None:
+    """``--reference`` (folder or IDX file), ``--reference_first_index``, ``--reference_count``; ``prefix="data"``
+    spells them ``--data``, ``--first_index``, ``--count``."""
+    names = (prefix, f"{prefix}_first_index", f"{prefix}_count") if prefix == "reference" else (prefix, "first_index", "count")
+    p.add_argument(f"--{names[0]}", required=True, help=f"{what} (folder or IDX file)")
+    p.add_argument(f"--{names[1]}", type=int, default=0, help="index of the first image used")
+    p.add_argument(f"--{names[2]}", type=int, default=count, help="images used" + ("" if count else " (default: all)"))
+
+
+def add_name_arg(p, default: str) -> None:
+    p.add_argument("--name", default=default, help="output file stem in benchmarks/results (.json and .png)")
+
+
 def write(name: str, record: dict) -> str:
     from latent_dmmd.evaluation import environment
 
@@ -47,6 +61,15 @@ def write(name: str, record: dict) -> str:
     with open(path, "w") as f:
         json.dump({**record, "environment": environment()}, f, indent=2)
     return path
+
+
+def save_figure(fig, path: str, dpi: int = 90) -> str:
+    """Save ``fig`` as the PNG beside the benchmark's JSON ``path``."""
+    png = path.replace(".json", ".png")
+    fig.tight_layout()
+    fig.savefig(png, dpi=dpi)
+    print("wrote", path, "and", png)
+    return png
 
 
 def plt():

@@ -17,7 +17,7 @@ import argparse
 import json
 
 import torch
-from common import write
+from common import add_name_arg, add_reference_args, write
 
 
 def heldout_particles(path: str, first_index: int, count: int, resolution: int, vae_path: str | None, channels: int):
@@ -39,9 +39,7 @@ def heldout_particles(path: str, first_index: int, count: int, resolution: int, 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pipeline", action="append", required=True, help="NAME=FOLDER of a DMMD pipeline (repeatable)")
-    p.add_argument("--data", required=True, help="held-out images (folder or IDX file)")
-    p.add_argument("--first_index", type=int, default=0, help="first held-out image")
-    p.add_argument("--count", type=int, default=256, help="held-out images")
+    add_reference_args(p, "held-out images", count=256, prefix="data")
     p.add_argument("--resolution", type=int, default=64, help="image resolution fed to the VAE (or the model)")
     p.add_argument("--channels", type=int, default=3, help="image channels in pixel space")
     p.add_argument("--vae", default=None, help="autoencoder of latent-space pipelines (encodes the held-out images)")
@@ -49,7 +47,7 @@ def main():
     p.add_argument("--num_inference_steps", type=int, default=None, help="T (default: the scheduler config)")
     p.add_argument("--flow_steps_per_level", type=int, default=None, help="N_s (default: the scheduler config)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial particles")
-    p.add_argument("--name", default="flow_diagnostics", help="output file stem in benchmarks/results")
+    add_name_arg(p, "flow_diagnostics")
     args = p.parse_args()
 
     from latent_dmmd import DMMDPipeline

@@ -17,7 +17,7 @@ import json
 import os
 
 import torch
-from common import plt, timeit, write
+from common import plt, save_figure, timeit, write
 
 WIDTH = (64, 128, 128, 256)
 TAEF2 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "weights", "taef2")
@@ -105,9 +105,7 @@ def main():
     ax.set_xticks(range(4), names, fontsize=7)
     ax.set_ylabel("seconds per 256x256 image (CPU)")
     ax.set_title(f"latent is {record['speedup_full_sample']:.0f}x faster per image (full sample)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path.replace(".json", ".png"), dpi=90)
-    print("wrote", path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

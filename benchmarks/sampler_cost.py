@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 import torch
-from common import RESULTS, latent64_discriminator, plt, timeit, write
+from common import RESULTS, add_name_arg, latent64_discriminator, plt, save_figure, timeit, write
 
 MODES = [("ensemble", "cached"), ("forward_marginal", "cached"), ("ensemble", "data"), ("forward_marginal", "data")]
 
@@ -59,7 +59,7 @@ def main():
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 64, 256], help="particle counts N")
     p.add_argument("--data_size", type=int, default=256, help="data batch behind reference='data'")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
-    p.add_argument("--name", default="sampler_cost", help="output file stem in benchmarks/results")
+    add_name_arg(p, "sampler_cost")
     p.add_argument("--no_memory", action="store_true", help="skip the peak-RSS subprocesses")
     args = p.parse_args()
     rows = []
@@ -91,9 +91,7 @@ def main():
     axes[1].set(xscale="log", yscale="log", xlabel="particles N", ylabel="ms per particle per flow step")
     axes[0].legend(fontsize=7)
     fig.suptitle("Sampler cost (CPU, celebahq_taef2_64 discriminator)")
-    fig.tight_layout()
-    fig.savefig(path.replace(".json", ".png"), dpi=90)
-    print("wrote", path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import json
 import os
 
 import torch
-from common import latent64_discriminator, plt, timeit_pair, write
+from common import latent64_discriminator, plt, save_figure, timeit_pair, write
 
 
 def fashion_discriminator():
@@ -109,9 +109,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_xticks(range(len(rows)), labels, fontsize=8)
     ax.set_ylabel("DMMD step / DDPM step")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path.replace(".json", ".png"), dpi=90)
-    print("wrote", path.replace(".json", ".png"))
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

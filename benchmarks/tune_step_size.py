@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import plt, write
+from common import add_name_arg, add_reference_args, plt, save_figure, write
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dmmd", help="DMMD pipeline folder")
-    p.add_argument("--reference", required=True, help="training images (folder or IDX file)")
-    p.add_argument("--reference_first_index", type=int, default=0)
-    p.add_argument("--reference_count", type=int, default=1000)
+    add_reference_args(p, "training images", count=1000)
     p.add_argument("--step_sizes", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
     p.add_argument("--step_size_schedule", default=None, choices=["constant", "sigma2", "rms", "level"],
                    help="the schedule the step sizes are tried with (default: the model's)")
@@ -31,7 +29,7 @@ def main():
     p.add_argument("--num_samples", type=int, default=300)
     p.add_argument("--batch_size", type=int, default=100)
     p.add_argument("--seed", type=int, default=10_000, help="first per-image seed (apart from the benchmarks' seeds)")
-    p.add_argument("--name", default="step_size")
+    add_name_arg(p, "step_size")
     args = p.parse_args()
 
     from latent_dmmd import DMMDPipeline
@@ -63,9 +61,8 @@ def main():
     ax.plot([r["step_size"] for r in rows], [r["fid"] for r in rows], "o-")
     ax.set(xscale="log", xlabel="step size eta", ylabel=f"FID vs training images ({args.num_samples} samples)",
            title=f"T={args.levels} x N_s={args.flow_steps}")  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path.replace(".json", ".png"), dpi=90)
-    print("best step size", best["step_size"], "wrote", path)
+    save_figure(fig, path)
+    print("best step size", best["step_size"])
 
 
 if __name__ == "__main__":
