@@ -49,6 +49,13 @@ def add_reference_args(p, what: str = "reference images", count: int | None = No
     p.add_argument(f"--{names[2]}", type=int, default=count, help="images used" + ("" if count else " (default: all)"))
 
 
+def add_sampling_args(p, num_samples: int = 500, seed: int = 0) -> None:
+    """``--num_samples`` (generated images per point), ``--batch_size`` (images per flow), ``--seed``."""
+    p.add_argument("--num_samples", type=int, default=num_samples, help="generated images per point")
+    p.add_argument("--batch_size", type=int, default=100, help="images per flow / sampler call")
+    p.add_argument("--seed", type=int, default=seed, help="first per-image seed (image i uses seed + i)")
+
+
 def add_name_arg(p, default: str) -> None:
     p.add_argument("--name", default=default, help="output file stem in benchmarks/results (.json and .png)")
 

@@ -19,7 +19,7 @@ import json
 import os
 
 import torch
-from common import RESULTS, add_name_arg, add_reference_args, plt, save_figure, write
+from common import RESULTS, add_name_arg, add_reference_args, add_sampling_args, plt, save_figure, write
 
 
 def evaluate(pipe, metric, args, label, **call):
@@ -61,9 +61,7 @@ def main():
     p.add_argument("--score_weights", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0], help="w values")
     p.add_argument("--weight_noise_scale", type=float, default=1.0, help="g_0 of the w sweep (score mode)")
     p.add_argument("--kale_step_sizes", type=float, nargs="+", default=[0.01, 0.1, 1.0], help="eta values for KALE")
-    p.add_argument("--num_samples", type=int, default=500)
-    p.add_argument("--batch_size", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
+    add_sampling_args(p)
     add_name_arg(p, "diffflow_sweep")
     args = p.parse_args()
 

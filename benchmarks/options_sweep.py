@@ -21,7 +21,7 @@ import os
 import sys
 
 import torch
-from common import add_name_arg, add_reference_args, plt, save_figure, write
+from common import add_name_arg, add_reference_args, add_sampling_args, plt, save_figure, write
 
 VARIANTS = {  # name: training overrides on top of the base config
     "base (l2=feature, gp=1)": [],
@@ -61,9 +61,7 @@ def main():
     add_reference_args(p, "reference images")
     p.add_argument("--nfe", type=int, default=20, help="the fixed NFE")
     p.add_argument("--levels", type=int, nargs="+", default=[5, 10, 20], help="T values of the split sweep")
-    p.add_argument("--num_samples", type=int, default=500)
-    p.add_argument("--batch_size", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
+    add_sampling_args(p)
     add_name_arg(p, "options_sweep")
     args = p.parse_args(argv)
 

@@ -18,7 +18,7 @@ import os
 import time
 
 import torch
-from common import add_name_arg, add_reference_args, plt, save_figure, write
+from common import add_name_arg, add_reference_args, add_sampling_args, plt, save_figure, write
 
 
 def dmmd_points(pipe, nfes, levels_list, args, metric, stats_data, model="dmmd"):
@@ -94,9 +94,7 @@ def main():
     add_reference_args(p, "reference images")
     p.add_argument("--nfe", type=int, nargs="*", default=[10, 20, 50, 100], help="NFE values (none: only --ddpm_full points)")
     p.add_argument("--levels", type=int, nargs="+", default=[5, 10], help="DMMD T values to split each NFE into")
-    p.add_argument("--num_samples", type=int, default=500, help="generated images per point")
-    p.add_argument("--batch_size", type=int, default=100, help="images per flow / sampler call")
-    p.add_argument("--seed", type=int, default=0, help="first per-image seed")
+    add_sampling_args(p)
     p.add_argument("--kid_subset_size", type=int, default=100, help="KID subset size")
     p.add_argument("--statistics_data", default=None,
                    help="latent cache or image folder to recompute statistics for every grid (default: stored ones)")  # fmt: skip

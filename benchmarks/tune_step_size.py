@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import add_name_arg, add_reference_args, plt, save_figure, write
+from common import add_name_arg, add_reference_args, add_sampling_args, plt, save_figure, write
 
 
 def main():
@@ -26,9 +26,7 @@ def main():
                    help="the schedule the step sizes are tried with (default: the model's)")
     p.add_argument("--levels", type=int, default=10, help="T")
     p.add_argument("--flow_steps", type=int, default=2, help="N_s")
-    p.add_argument("--num_samples", type=int, default=300)
-    p.add_argument("--batch_size", type=int, default=100)
-    p.add_argument("--seed", type=int, default=10_000, help="first per-image seed (apart from the benchmarks' seeds)")
+    add_sampling_args(p, num_samples=300, seed=10_000)
     add_name_arg(p, "step_size")
     args = p.parse_args()
 
