@@ -29,7 +29,7 @@ def test_ship_without_vae_keeps_the_contract_and_takes_numbers_from_the_benchmar
                  "batch_size": 100, "seed": 0},
         "rows": [{"method": "dmmd", "levels": cfg.num_inference_steps, "flow_steps": cfg.flow_steps_per_level,
                   "step_size": cfg.step_size, "fid": 77.7, "kid": 0.05, "kid_std": 0.01, "num_fake": 500,
-                  "num_real": 500, "seconds_per_image": 0.1},
+                  "num_real": 500, "seconds_per_image": 0.1, "precision": 0.25, "recall": 0.1},
                  {"method": "ddim", "nfe": 20, "fid": 1.0}],
     }))  # fmt: skip
 
@@ -43,7 +43,8 @@ def test_ship_without_vae_keeps_the_contract_and_takes_numbers_from_the_benchmar
     assert sorted(os.listdir(tmp_path / "models")) == ["tiny"]
     card = (dest / "README.md").read_text()
     for text in ("77.70", "500 / 500", "attach it with load_x", "non-commercial research only", "42 × 4",
-                 "trained for five minutes", "wall-clock budget 5 min", "reference faces from index 3500"):  # fmt: skip
+                 "trained for five minutes", "wall-clock budget 5 min", "reference faces from index 3500",
+                 "0.250 / 0.100"):  # fmt: skip
         assert text in card, text
     bare = DMMDPipeline.from_pretrained(dest)
     assert bare.vae is None and bare.discriminator.config.reference_vae == vae_contract(vae)
