@@ -316,8 +316,12 @@ def ship_run(run: str, dest: str, *, drop_vae: bool = False, sample_grid: bool =
             raise ValueError(f"{run} is not a finished training run: no {name}")
     pipe = DMMDPipeline.from_pretrained(os.path.join(run, "pipeline"))
     resolution = output_resolution(pipe)
+    disc = pipe.discriminator
+    if disc.has_reference_statistics and disc.statistics_are_current() and disc.config.reference_fingerprint_fp16 is None:
+        # a run from before the fp16 key: the statistics also serve the weights cast to fp16
+        disc.register_to_config(reference_fingerprint_fp16=disc.weights_fingerprint(via=torch.float16))
     if drop_vae:
-        pipe = DMMDPipeline(discriminator=pipe.discriminator, scheduler=pipe.scheduler)
+        pipe = DMMDPipeline(discriminator=disc, scheduler=pipe.scheduler)
     with open(os.path.join(run, "config.yaml")) as f:
         config = yaml.safe_load(f)
     with open(os.path.join(run, "training_summary.json")) as f:

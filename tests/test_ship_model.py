@@ -79,3 +79,17 @@ def test_ship_writes_the_sample_grid_and_card_flags_that_need_a_run_are_refused(
         assert "--from-run" in capsys.readouterr().err
     assert cli(["card", str(tmp_path / "x"), "--from-run", str(tmp_path / "nothing")]) == 2
     assert "not a finished training run" in capsys.readouterr().err
+
+
+def test_a_run_from_before_the_fp16_fingerprint_ships_with_it(tmp_path):
+    pipe = tiny_pipeline()
+    expected = pipe.discriminator.config.reference_fingerprint_fp16
+    assert expected is not None
+    pipe.discriminator.register_to_config(reference_fingerprint_fp16=None)  # as saved by an older version
+    run = tmp_path / "run"
+    pipe.save_pretrained(run / "pipeline")
+    (run / "config.yaml").write_text("resolution: 8\n")
+    (run / "training_summary.json").write_text("{}")
+    assert cli(["card", str(tmp_path / "model"), "--from-run", str(run)]) == 0
+    shipped = DMMDPipeline.from_pretrained(tmp_path / "model")
+    assert shipped.discriminator.config.reference_fingerprint_fp16 == expected
