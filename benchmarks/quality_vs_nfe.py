@@ -55,6 +55,12 @@ def dmmd_points(pipe, nfes, levels_list, args, metric, stats_data, model="dmmd")
     return rows
 
 
+def baseline_vae(folder: str, vae: str | None) -> str | None:
+    """The autoencoder of a baseline folder: its ``vae/``, else ``--vae`` (a latent baseline saved without one)."""
+    inside = os.path.join(folder, "vae")
+    return inside if os.path.isdir(inside) else vae
+
+
 def baseline_points(folder, nfes, args, metric, stats_data=None):
     from diffusers import DDPMScheduler, UNet2DModel
 
@@ -63,7 +69,8 @@ def baseline_points(folder, nfes, args, metric, stats_data=None):
     from latent_dmmd.evaluation import to_uint8
 
     unet = UNet2DModel.from_pretrained(os.path.join(folder, "unet")).eval()
-    vae = load_autoencoder(os.path.join(folder, "vae")) if os.path.isdir(os.path.join(folder, "vae")) else None
+    vae_path = baseline_vae(folder, args.vae)
+    vae = load_autoencoder(vae_path) if vae_path else None
     betas = DDPMScheduler.from_pretrained(os.path.join(folder, "scheduler"))  # same betas as the DMMD model
     rows, clip = [], args.clip_sample_range
     if clip is None:  # pixels lie in [-1, 1] (diffusers' default clipping); latents: their training range
@@ -91,6 +98,8 @@ def main():
     p.add_argument("--dmmd", action="append", default=[],
                    help="DMMD pipeline folder, or NAME=FOLDER (repeatable: every model is scored at every point)")
     p.add_argument("--ddpm", default=None, help="baseline folder written by --method ddpm (unet/, scheduler/, vae/)")
+    p.add_argument("--vae", default=None,
+                   help="autoencoder of latent models saved without one (TAEF2 or diffusers folder, or Hub id)")
     add_reference_args(p, "reference images")
     p.add_argument("--nfe", type=int, nargs="*", default=[10, 20, 50, 100], help="NFE values (none: only --ddpm_full points)")
     p.add_argument("--levels", type=int, nargs="+", default=[5, 10], help="DMMD T values to split each NFE into")
@@ -122,6 +131,10 @@ def main():
     pipes = {}
     for name, folder in models:
         pipes[name] = DMMDPipeline.from_pretrained(folder)
+        if pipes[name].vae is None and args.vae:  # a latent model shipped without its autoencoder
+            from latent_dmmd.autoencoders import load_autoencoder
+
+            pipes[name] = DMMDPipeline.from_pretrained(folder, vae=load_autoencoder(args.vae))
         pipes[name].set_progress_bar_config(disable=True)
     pipe = next(iter(pipes.values()), None)
     stats_data = None
@@ -136,9 +149,9 @@ def main():
         from latent_dmmd.autoencoders import decode_latents, load_autoencoder
 
         c = UNet2DModel.load_config(os.path.join(args.ddpm, "unet"))
-        vae_dir = os.path.join(args.ddpm, "vae")
+        vae_dir = baseline_vae(args.ddpm, args.vae)
         resolution = c["sample_size"]
-        if os.path.isdir(vae_dir):
+        if vae_dir:
             with torch.no_grad():
                 z = torch.zeros(1, c["in_channels"], c["sample_size"], c["sample_size"])
                 resolution = int(decode_latents(load_autoencoder(vae_dir), z).shape[-1])
