@@ -342,15 +342,16 @@ def ship_run(run: str, dest: str, *, drop_vae: bool = False, sample_grid: bool =
 
 
 def _drop_local_paths(folder: str) -> None:
-    """Remove ``_name_or_path`` (the folder a component was loaded from on this machine) from the
-    component configs of a folder about to be shipped."""
-    for name in sorted(os.listdir(folder)):
-        for config in ("config.json", "scheduler_config.json"):
-            path = os.path.join(folder, name, config)
-            if os.path.isfile(path):
-                with open(path) as f:
-                    data = json.load(f)
-                if data.pop("_name_or_path", None) is not None:
-                    with open(path, "w") as f:
-                        json.dump(data, f, indent=2, sort_keys=True)
-                        f.write("\n")
+    """Remove ``_name_or_path`` (the folder it was loaded from on this machine) from ``model_index.json``
+    and the component configs of a folder about to be shipped."""
+    paths = [os.path.join(folder, "model_index.json")]
+    paths += [os.path.join(folder, name, config) for name in sorted(os.listdir(folder))
+              for config in ("config.json", "scheduler_config.json")]  # fmt: skip
+    for path in paths:
+        if os.path.isfile(path):
+            with open(path) as f:
+                data = json.load(f)
+            if data.pop("_name_or_path", None) is not None:
+                with open(path, "w") as f:
+                    json.dump(data, f, indent=2, sort_keys=True)
+                    f.write("\n")

@@ -94,4 +94,5 @@ def test_a_run_from_before_the_fp16_fingerprint_ships_with_it(tmp_path):
     shipped = DMMDPipeline.from_pretrained(tmp_path / "model")
     assert shipped.discriminator.config.reference_fingerprint_fp16 == expected
     # no path of the machine it was shipped from
-    assert str(tmp_path) not in (tmp_path / "model" / "discriminator" / "config.json").read_text()
+    for config in ("model_index.json", "discriminator/config.json", "scheduler/scheduler_config.json"):
+        assert str(tmp_path) not in (tmp_path / "model" / config).read_text(), config
