@@ -105,7 +105,7 @@ def main():
         for lambda_gp, k, f in grid:
             dmmd, ddpm = steps(make, args.batch, shape, lambda_gp, k, f)
             tc_d, tc_p = timeit_pair(dmmd, ddpm, args.repeats)
-            per_step = lambda t: {key: (v / k if key.endswith("_s") else v) for key, v in t.items()}
+            per_step = lambda t, k=k: {key: (v / k if key.endswith("_s") else v) for key, v in t.items()}
             td, tp = per_step(tc_d), per_step(tc_p)
             row = {"model": name, "lambda_gp": lambda_gp, "gp_every": k, "gp_fraction": f, "batch": args.batch,
                    "dmmd_step": td, "ddpm_step": tp, "ratio": td["median_s"] / tp["median_s"]}  # fmt: skip

@@ -328,7 +328,6 @@ def ship_run(run: str, dest: str, *, drop_vae: bool = False, sample_grid: bool =
         info = json.load(f)
     with replace_folder(dest) as tmp, tempfile.TemporaryDirectory() as scratch:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        _drop_local_paths(tmp)
         if sample_grid:
             pipe.set_progress_bar_config(disable=True)
             images = pipe(num_images=16, generator=torch.Generator().manual_seed(0), output_type="pt").images
@@ -339,19 +338,3 @@ def ship_run(run: str, dest: str, *, drop_vae: bool = False, sample_grid: bool =
         write_model_card(tmp, config, info, metrics_file=metrics_file, sample_grid="samples.png" if sample_grid else None,
                          name=card.pop("name", None) or os.path.basename(os.path.normpath(dest)), **card)  # fmt: skip
     return dest
-
-
-def _drop_local_paths(folder: str) -> None:
-    """Remove ``_name_or_path`` (the folder it was loaded from on this machine) from ``model_index.json``
-    and the component configs of a folder about to be shipped."""
-    paths = [os.path.join(folder, "model_index.json")]
-    paths += [os.path.join(folder, name, config) for name in sorted(os.listdir(folder))
-              for config in ("config.json", "scheduler_config.json")]  # fmt: skip
-    for path in paths:
-        if os.path.isfile(path):
-            with open(path) as f:
-                data = json.load(f)
-            if data.pop("_name_or_path", None) is not None:
-                with open(path, "w") as f:
-                    json.dump(data, f, indent=2, sort_keys=True)
-                    f.write("\n")

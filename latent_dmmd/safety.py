@@ -35,6 +35,23 @@ def weight_files(folder: str) -> list[str]:
     return sorted(found)
 
 
+def drop_local_paths(folder: str) -> None:
+    """Remove ``_name_or_path`` (the folder a component was loaded from, on the saving machine) from
+    ``model_index.json`` and the component configs of a saved pipeline folder: it would travel with a
+    shared model and name a path nobody else has."""
+    paths = [os.path.join(folder, "model_index.json")]
+    paths += [os.path.join(folder, name, config) for name in sorted(os.listdir(folder))
+              for config in ("config.json", "scheduler_config.json")]  # fmt: skip
+    for path in paths:
+        if os.path.isfile(path):
+            with open(path) as f:
+                data = json.load(f)
+            if data.pop("_name_or_path", None) is not None:
+                with open(path, "w") as f:
+                    json.dump(data, f, indent=2, sort_keys=True)
+                    f.write("\n")
+
+
 def write_checksums(folder: str) -> str:
     """Record the SHA-256 of every safetensors file (what ``save_pretrained`` wrote), and note in
     ``model_index.json`` that the folder has them, so a deleted ``checksums.json`` is noticed."""

@@ -123,6 +123,17 @@ def test_save_and_load_round_trip(pipe, tmp_path):
         pipe.save_pretrained(tmp_path / "x", safe_serialization=False)
 
 
+def test_saving_a_loaded_pipeline_writes_no_path_of_this_machine(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "first")
+    loaded = DMMDPipeline.from_pretrained(tmp_path / "first")  # diffusers records where each part came from
+    assert loaded.discriminator.config.get("_name_or_path")
+    loaded.save_pretrained(tmp_path / "second")
+    for config in ("model_index.json", "discriminator/config.json", "scheduler/scheduler_config.json"):
+        text = (tmp_path / "second" / config).read_text()
+        assert "_name_or_path" not in text and str(tmp_path) not in text, config
+    DMMDPipeline.from_pretrained(tmp_path / "second")  # still loads, checksums intact
+
+
 def test_plain_diffusers_loader_through_the_shim(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
     loaded = DiffusionPipeline.from_pretrained(tmp_path, custom_pipeline=str(tmp_path), trust_remote_code=True)

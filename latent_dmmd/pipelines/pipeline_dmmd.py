@@ -20,7 +20,7 @@ from huggingface_hub import snapshot_download
 from ..autoencoders import decode_latents
 from ..flow import data_reference, sample_flow
 from ..models import DMMDDiscriminator
-from ..safety import check_pipeline_folder, write_checksums
+from ..safety import check_pipeline_folder, drop_local_paths, write_checksums
 from ..schedulers import DMMDScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -87,10 +87,12 @@ class DMMDPipeline(DiffusionPipeline):
         return super().from_pretrained(folder, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
-        """``DiffusionPipeline.save_pretrained`` with safetensors only, plus checksums and the loader shim."""
+        """``DiffusionPipeline.save_pretrained`` with safetensors only, plus checksums and the loader shim;
+        the configs lose ``_name_or_path`` (where a loaded pipeline came from on this machine)."""
         if kwargs.pop("safe_serialization", True) is False:
             raise ValueError("DMMDPipeline saves safetensors only; safe_serialization=False is not supported")
         super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
+        drop_local_paths(str(save_directory))
         write_checksums(str(save_directory))
         write_loader_shim(save_directory)
 
