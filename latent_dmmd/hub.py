@@ -84,8 +84,14 @@ def _objective(cfg: dict) -> str:
                "independent": "two-sample MMD² on paired copies (biased; ablation only)"}.get(  # fmt: skip
         cfg.get("pairing", "independent"), str(cfg.get("pairing")))
     balance = cfg.get("level_weighting", "none")
-    return (f"{pairing}; level weighting {balance}; l2 ({cfg.get('l2_mode', 'feature')}) "
-            f"{cfg.get('lambda_l2', 1e-3)}, gradient penalty {cfg.get('lambda_gp', 1.0)}")
+    kernel = ""
+    if cfg.get("kernel") == "rff_gaussian":
+        kernel = f"Gaussian kernel on the features ({cfg.get('rff_features') or 1024} random Fourier features); "
+    gp_every, gp_fraction = cfg.get("gp_every") or 1, cfg.get("gp_fraction") or 1.0
+    lazy = "" if gp_every == 1 else f" every {gp_every} steps (weight x{gp_every})"
+    lazy += "" if gp_fraction == 1 else f" on {gp_fraction:g} of the interpolates"
+    return (f"{kernel}{pairing}; level weighting {balance}; l2 ({cfg.get('l2_mode', 'feature')}) "
+            f"{cfg.get('lambda_l2', 1e-3)}, gradient penalty {cfg.get('lambda_gp', 1.0)}{lazy}")
 
 
 # what a card said, kept in the card itself (an HTML comment, invisible on the Hub) so that a

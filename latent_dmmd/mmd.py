@@ -97,6 +97,17 @@ def random_fourier_features(
     return (2.0 / num_features) ** 0.5 * torch.cos(features @ weight.T / bw + bias)
 
 
+def median_pairwise_distance(features: torch.Tensor) -> torch.Tensor:
+    """Median Euclidean distance over the pairs ``i < j`` of each set in ``features`` (…, n, D): the
+    median heuristic for a Gaussian kernel's bandwidth (§5). Returns (…,)."""
+    n = features.shape[-2]
+    if n < 2:
+        raise ValueError(f"the median pairwise distance needs at least 2 samples, got {n}")
+    dist = torch.cdist(features, features)
+    i, j = torch.triu_indices(n, n, offset=1, device=features.device)
+    return dist[..., i, j].median(-1).values
+
+
 def gaussian_mmd2_closed_form(mean_shift: float, std: float, bandwidth: float, dim: int) -> float:
     """Population MMD² between N(0, s²I) and N(m, s²I) under a Gaussian kernel (§6)."""
     l2, s2 = bandwidth**2, std**2
@@ -178,6 +189,8 @@ def dmmd_loss(
     xt_unpaired: torch.Tensor | None = None,
     group_weights: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
     penalty_index: torch.Tensor | None = None,
+    kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    on_clean_features: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> DMMDLossOutput:
     """DMMD discriminator loss of §3, minimised: ``-MMD²_u + λ_l2 R_l2 + λ_gp R_gp``.
 
@@ -198,6 +211,9 @@ def dmmd_loss(
     scales each group's MMD term (§3 "Balance across noise levels"); the penalties keep their weights.
     ``penalty_index`` (indices into the batch) evaluates the gradient penalty on those interpolates
     only: its forward and double backward then cost that fraction of the full penalty.
+    ``kernel(features, t) -> psi`` maps ``phi``'s raw features (and the penalty's) into the space where
+    the MMD is linear (§5 ``rff_gaussian``); ``on_clean_features(clean (G, n, D), levels (G,))`` sees the
+    detached raw clean features of each group first (how the kernel's bandwidth is measured).
     """
     batch = x0.shape[0]
     if batch % num_groups:
@@ -215,6 +231,10 @@ def dmmd_loss(
     else:
         raise ValueError(f"unknown pairing {pairing!r}; expected 'paired', 'permuted' or 'independent'")
     features = phi(torch.cat([x0, scored]), torch.cat([t, t]))
+    if on_clean_features is not None:
+        on_clean_features(features[:batch].detach().view(num_groups, size, -1), t.view(num_groups, size)[:, 0])
+    if kernel is not None:
+        features = kernel(features, torch.cat([t, t]))
     a, b = features[:batch].view(num_groups, size, -1), features[batch : 2 * batch].view(num_groups, size, -1)
     mmd2 = mmd2_unbiased_paired(a, b) if pairing == "paired" else mmd2_unbiased(a, b)
     if callable(group_weights):
@@ -245,6 +265,8 @@ def dmmd_loss(
         # over all 3B inputs made the penalty ~3x dearer); math attention has a double backward
         with math_attention():
             f_hat = (phi_penalty or phi)(x_hat, t_hat)
+            if kernel is not None:
+                f_hat = kernel(f_hat, t_hat)
             witness = (f_hat * g_hat).sum()
             (grad,) = torch.autograd.grad(witness, x_hat, create_graph=True)
         gp = (_flat(grad).norm(dim=1) - gp_target).square().mean()

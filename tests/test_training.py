@@ -118,9 +118,11 @@ def test_stale_latent_cache_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("options", [(), ("--level_weighting", "normalized", "--pairing", "permuted"),
-                                     ("--gp_every", "3", "--gp_fraction", "0.5")])
+                                     ("--gp_every", "3", "--gp_fraction", "0.5"),
+                                     ("--kernel", "rff_gaussian", "--rff_features", "64")])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, options):
-    """Also with level balance, whose running per-bucket MMD² are training state in the checkpoint."""
+    """Also with level balance, whose running per-bucket MMD² are training state in the checkpoint, and with
+    the Gaussian kernel, whose running bandwidth is a buffer of the model."""
     straight = tmp_path / "a"
     straight.mkdir()
     run(straight, *options, steps=6, data=None)
@@ -302,6 +304,18 @@ def test_lazy_and_subsampled_penalty_follow_the_step_index():
     assert not torch.allclose(a.gradient_penalty, dmmd_step_loss(disc, sched, x0, index, full, 3, 0).gradient_penalty)
     with pytest.raises(ValueError, match="gp_fraction"):
         load_config(["--train_data_dir", "x", "--gp_fraction", "0"])
+
+
+def test_gaussian_kernel_training_measures_its_bandwidth_and_exports_psi_statistics(tmp_path):
+    run(tmp_path, "--kernel", "rff_gaussian", "--rff_features", "64", steps=3)
+    pipe = load(tmp_path / "out" / "pipeline")
+    disc = pipe.discriminator
+    assert disc.config.kernel == "rff_gaussian" and disc.reference_mean_data.shape == (3, 64)
+    measured = disc.rff_bandwidth[disc.rff_bandwidth > 0]
+    assert 1 <= len(measured) <= 6  # 3 steps x 2 groups: at most six buckets read
+    assert torch.isfinite(measured).all()
+    images = pipe(num_images=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert torch.isfinite(images).all()
 
 
 @pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])

@@ -31,6 +31,7 @@ def vae_contract(vae) -> dict | None:
 __all__ = ["DMMDDiscriminator", "ModelMixin"]
 
 _ALPHA_ATOL = 1e-6
+RFF_BUCKETS = 20  # bandwidth buckets of the Gaussian kernel: t in [50 b, 50 (b + 1))
 
 
 class DMMDDiscriminator(ModelMixin, ConfigMixin):
@@ -61,6 +62,13 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
             (a scalar critic trained with the KALE bound; needs ``projection_dim=1``).
         critic_clip: ``c``, the KALE critic's upper bound: ``h = c - softplus(c - raw)``.
         kale_lambda: ``λ`` of the KALE objective (also scales the particle velocity ``1 + λ``).
+        kernel: ``"linear"`` (the MMD of the features themselves, the default) or ``"rff_gaussian"``
+            (method §5): a Gaussian kernel on the features through ``rff_features`` random Fourier
+            features drawn from ``rff_seed``; ``forward`` then returns ``psi(phi)``, whose means are the
+            cached statistics, so training, statistics and sampling stay linear in ``psi``. Its
+            bandwidth per noise level is the median distance between clean-data features, tracked
+            during training in ``RFF_BUCKETS`` buckets of t (the buffer ``rff_bandwidth``, saved with
+            the weights and part of their fingerprint, hence of the statistics' key).
     """
 
     _supports_gradient_checkpointing = True
@@ -88,8 +96,17 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
         objective: str = "mmd",
         critic_clip: float = 5.0,
         kale_lambda: float = 0.1,
+        kernel: str = "linear",
+        rff_features: int = 1024,
+        rff_seed: int = 0,
     ):
         super().__init__()
+        if kernel not in ("linear", "rff_gaussian"):
+            raise ValueError(f"kernel={kernel!r} is not supported; choose 'linear' or 'rff_gaussian'")
+        if kernel != "linear" and objective != "mmd":
+            raise ValueError("kernel='rff_gaussian' is for the MMD objective; the KALE critic is a scalar")
+        if rff_features < 1:
+            raise ValueError(f"rff_features must be a positive number of random features, got {rff_features}")
         if objective not in ("mmd", "kale"):
             raise ValueError(f"objective={objective!r} is not supported; choose 'mmd' or 'kale'")
         if objective == "kale" and projection_dim != 1:
@@ -113,12 +130,23 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
         cells = pool_size**2 if pool_size else sample_size**2
         raw_dim = out_channels * cells
         self.projection = nn.Linear(raw_dim, projection_dim, bias=False) if projection_dim else nn.Identity()
-        self.feature_dim = projection_dim or raw_dim
+        self.raw_feature_dim = projection_dim or raw_dim
+        self.feature_dim = rff_features if kernel == "rff_gaussian" else self.raw_feature_dim
+        if kernel == "rff_gaussian":
+            # W ~ N(0, I) (R, D) and b ~ U[0, 2 pi) follow from the seed: not stored, rebuilt on load
+            gen = torch.Generator().manual_seed(rff_seed)
+            weight = torch.randn(rff_features, self.raw_feature_dim, generator=gen, dtype=torch.float64)
+            bias = 2 * torch.pi * torch.rand(rff_features, generator=gen, dtype=torch.float64)
+            self.register_buffer("rff_weight", weight.float(), persistent=False)
+            self.register_buffer("rff_bias", bias.float(), persistent=False)
+            # 0 = not measured yet; set by training (update_bandwidth) or calibrate_bandwidth
+            self.register_buffer("rff_bandwidth", torch.zeros(RFF_BUCKETS))
         self._make_reference_buffers(num_reference_levels)
 
     # ------------------------------------------------------------------ features
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> torch.Tensor:
-        """Features ``phi(sample, timestep)`` of shape (B, D); ``timestep`` scalar or (B,)."""
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, raw: bool = False) -> torch.Tensor:
+        """Features of shape (B, D); ``timestep`` scalar or (B,). With ``kernel="rff_gaussian"`` these are
+        ``psi(phi(sample, t))`` at the level's stored bandwidth, unless ``raw`` (then ``phi`` itself)."""
         c = self.config
         if sample.dim() != 4 or sample.shape[1] != c.in_channels:
             raise ValueError(
@@ -133,7 +161,67 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
         if timestep.dim() == 0:
             timestep = timestep.expand(sample.shape[0])
         out = self.unet(sample, timestep).sample
-        return self.projection(self.pool(out).flatten(1))
+        features = self.projection(self.pool(out).flatten(1))
+        if raw or self.config.kernel == "linear":
+            return features
+        return self.kernel_features(features, self.bandwidth_at(timestep))
+
+    # ------------------------------------------------------------------ Gaussian kernel through RFF (§5)
+    @staticmethod
+    def bandwidth_bucket(timestep: torch.Tensor) -> torch.Tensor:
+        """Bucket of ``rff_bandwidth`` each timestep reads: ``RFF_BUCKETS`` equal bins of [0, 1000)."""
+        return (torch.as_tensor(timestep).long() * RFF_BUCKETS // 1000).clamp(0, RFF_BUCKETS - 1)
+
+    def bandwidth_at(self, timestep: torch.Tensor) -> torch.Tensor:
+        """The stored bandwidth for each timestep (B,). A bucket never measured (short runs) reads its
+        nearest measured bucket; a model with none measured is refused."""
+        bw = self.rff_bandwidth
+        measured = (bw > 0).nonzero().flatten()
+        if not len(measured):
+            raise ValueError(
+                "the Gaussian-kernel (rff_gaussian) discriminator has no bandwidth yet: train it, or call "
+                "discriminator.calibrate_bandwidth(clean_samples) first"
+            )
+        buckets = self.bandwidth_bucket(timestep).to(bw.device)
+        nearest = measured[(buckets[:, None] - measured[None, :]).abs().argmin(1)]
+        return bw[torch.where(bw[buckets] > 0, buckets, nearest)]
+
+    def kernel_features(self, features: torch.Tensor, bandwidth: torch.Tensor) -> torch.Tensor:
+        """``psi(f) = sqrt(2/R) cos(W f / l + b)`` of raw features (B, D), ``bandwidth`` (B,), in float32
+        (cosines of bf16 arguments would be noise): ``<psi(f), psi(f')>`` estimates ``exp(-|f-f'|²/(2 l²))``."""
+        f = features.float() / bandwidth.to(features.device).float().view(-1, 1)
+        return (2.0 / self.config.rff_features) ** 0.5 * torch.cos(f @ self.rff_weight.T + self.rff_bias)
+
+    @torch.no_grad()
+    def update_bandwidth(self, clean: torch.Tensor, levels: torch.Tensor, decay: float = 0.95, reduce=None) -> None:
+        """Fold the median pairwise distance of each group's clean raw features ``clean`` (G, n, D), at
+        the groups' ``levels`` (G,), into the running bandwidth of their buckets (the first reading of a
+        bucket is taken as it is). ``reduce`` sums over processes, so every process keeps the same values."""
+        from ..mmd import median_pairwise_distance
+
+        median = median_pairwise_distance(clean.float())
+        buckets = self.bandwidth_bucket(levels).to(median.device)
+        sums = torch.zeros(RFF_BUCKETS, device=median.device).index_add_(0, buckets, median)
+        counts = torch.zeros(RFF_BUCKETS, device=median.device).index_add_(0, buckets, torch.ones_like(median))
+        if reduce is not None:
+            sums, counts = reduce(sums), reduce(counts)
+        seen = counts > 0
+        reading = sums[seen] / counts[seen]
+        old = self.rff_bandwidth[seen.to(self.rff_bandwidth.device)]
+        new = torch.where(old > 0, decay * old + (1 - decay) * reading.to(old), reading.to(old))
+        self.rff_bandwidth[seen.to(self.rff_bandwidth.device)] = new
+
+    @torch.no_grad()
+    def calibrate_bandwidth(self, clean: torch.Tensor, batch_size: int = 256) -> None:
+        """Set every bucket's bandwidth to the median distance between the clean features of ``clean``
+        (N, C, H, W; up to ``batch_size`` used) at the bucket's middle level: a model that was not trained
+        with this kernel (tests, conversions) can then compute statistics and sample."""
+        from ..mmd import median_pairwise_distance
+
+        x = clean[:batch_size].to(self.rff_bandwidth.device)
+        for b in range(RFF_BUCKETS):
+            t = torch.full((x.shape[0],), (2 * b + 1) * 1000 // (2 * RFF_BUCKETS), device=x.device)
+            self.rff_bandwidth[b] = median_pairwise_distance(self(x.to(self.dtype), t, raw=True).float()[None])[0]
 
     def set_attention_slice(self, slice_size: int | str | None) -> None:
         """Attention in slices of ``slice_size`` heads (``"auto"``: half of them, ``"max"``: one at a
@@ -180,8 +268,10 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
         self.register_buffer("reference_mean_noised", torch.zeros(levels, d, device=device), keep)
 
     def weights_fingerprint(self, via: torch.dtype | None = None) -> str:
-        """``weights_fingerprint`` of this model, cached until a parameter changes (version counters)."""
-        state = (via, tuple((id(p), p._version, p.dtype, p.device) for p in self.parameters()))
+        """``weights_fingerprint`` of this model, cached until a parameter or a non-statistics buffer (the
+        Gaussian kernel's bandwidth) changes (version counters)."""
+        tensors = list(self.parameters()) + [b for n, b in self.named_buffers() if not n.split(".")[-1].startswith("reference_")]
+        state = (via, tuple((id(p), p._version, p.dtype, p.device) for p in tensors))
         cache = self.__dict__.setdefault("_fingerprint_cache", {})
         if cache.get(via, (None,))[0] != state:
             cache[via] = (state, weights_fingerprint(self, via=via))

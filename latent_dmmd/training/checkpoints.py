@@ -23,7 +23,7 @@ CHECKPOINT_CONFIG = "training_config.json"  # the run's resolved config, inside 
 
 MODEL_FIELDS = ("method", "objective", "block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
                 "attention_head_dim", "norm_num_groups", "out_channels", "pool_size", "projection_dim", "resolution",
-                "channels", "pretrained_vae", "use_ema")  # fmt: skip
+                "channels", "pretrained_vae", "use_ema", "kernel", "rff_features", "rff_seed")  # fmt: skip
 
 
 OPTIMIZER_FIELDS = {"learning_rate": "lr", "adam_weight_decay": "weight_decay", "adam_epsilon": "eps"}

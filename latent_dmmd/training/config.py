@@ -76,6 +76,10 @@ class TrainConfig:
                                "projection_dim 1; sampling follows (1+lambda) grad h)")
     critic_clip: float | None = _f(None, "KALE: upper bound c of the critic, c - softplus(c - raw) (default 5)")
     kale_lambda: float | None = _f(None, "KALE: regularisation lambda of the bound (default 0.1)")
+    kernel: str | None = _f(None, "MMD kernel on the features: linear (default) or rff_gaussian (a Gaussian kernel "
+                                  "through random Fourier features, bandwidth per level from the median distance)")
+    rff_features: int | None = _f(None, "rff_gaussian: number of random Fourier features R (default 1024)")
+    rff_seed: int | None = _f(None, "rff_gaussian: seed of the random frequencies (default 0)")
     # loss
     group_size: int = _f(16, "samples per noise-level group (each group's MMD uses this many pairs)")
     lambda_l2: float = _f(1e-3, "weight of the l2 regulariser")

@@ -93,10 +93,20 @@ def dmmd_step_loss(
         keep = max(1, round(config.gp_fraction * size))
         ranks = keyed_rand([(s, "gp", step, m, k) for k in keys]).view(groups, size).argsort(1)[:, :keep]
         penalty_index = (ranks.sort(1).values + size * torch.arange(groups)[:, None]).flatten()
+    phi, phi_penalty, kernel = model, penalty_model, {}
+    unwrapped = penalty_model or model
+    if unwrapped.config.kernel == "rff_gaussian":  # raw features in, psi at the running bandwidth out
+        phi = lambda x, tt: model(x, tt, raw=True)  # noqa: E731
+        phi_penalty = None if penalty_model is None else (lambda x, tt: penalty_model(x, tt, raw=True))
+        kernel = {
+            "kernel": lambda f, tt: unwrapped.kernel_features(f, unwrapped.bandwidth_at(tt)),
+            "on_clean_features": lambda clean, levels: unwrapped.update_bandwidth(clean, levels, reduce=reduce),
+        }
     return dmmd_loss(
-        model, x0, xt, t, groups, lambda_l2=config.lambda_l2, lambda_gp=lambda_gp,
-        l2_mode=config.l2_mode, gp_target=config.gp_target, interpolation=u, phi_penalty=penalty_model,
+        phi, x0, xt, t, groups, lambda_l2=config.lambda_l2, lambda_gp=lambda_gp,
+        l2_mode=config.l2_mode, gp_target=config.gp_target, interpolation=u, phi_penalty=phi_penalty,
         pairing=config.pairing, xt_unpaired=xt_unpaired, group_weights=weights, penalty_index=penalty_index,
+        **kernel,
     )  # fmt: skip
 
 
