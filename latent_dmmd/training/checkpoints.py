@@ -21,9 +21,18 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_CONFIG = "training_config.json"  # the run's resolved config, inside every checkpoint
 
 
-MODEL_FIELDS = ("method", "objective", "block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
-                "attention_head_dim", "norm_num_groups", "out_channels", "pool_size", "projection_dim", "resolution",
-                "channels", "pretrained_vae", "use_ema", "kernel", "rff_features", "rff_seed")  # fmt: skip
+def _model_fields() -> tuple[str, ...]:
+    """Config fields that shape the weights: every ``DMMDDiscriminator`` argument a run can set (so a new
+    model option is covered without a list to maintain), plus the method, the data's shape and the EMA."""
+    import inspect
+
+    from ..models import DMMDDiscriminator
+
+    shape = [n for n in inspect.signature(DMMDDiscriminator.__init__).parameters if n in TrainConfig.__dataclass_fields__]
+    return tuple(dict.fromkeys(("method", "objective", *shape, "resolution", "channels", "pretrained_vae", "use_ema")))
+
+
+MODEL_FIELDS = _model_fields()
 
 
 OPTIMIZER_FIELDS = {"learning_rate": "lr", "adam_weight_decay": "weight_decay", "adam_epsilon": "eps"}
