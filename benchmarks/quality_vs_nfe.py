@@ -13,6 +13,7 @@ statistics must exist for those grids (compute them with --recompute_statistics,
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -55,6 +56,14 @@ def dmmd_points(pipe, nfes, levels_list, args, metric, stats_data, model="dmmd")
     return rows
 
 
+@functools.cache
+def autoencoder(path: str):
+    """One load per autoencoder folder in a run (the resolution probe and the sampling share it)."""
+    from latent_dmmd.autoencoders import load_autoencoder
+
+    return load_autoencoder(path)
+
+
 def baseline_vae(folder: str, vae: str | None) -> str | None:
     """The autoencoder of a baseline folder: its ``vae/``, else ``--vae`` (a latent baseline saved without one)."""
     inside = os.path.join(folder, "vae")
@@ -64,13 +73,12 @@ def baseline_vae(folder: str, vae: str | None) -> str | None:
 def baseline_points(folder, nfes, args, metric, stats_data=None):
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from latent_dmmd.autoencoders import load_autoencoder
     from latent_dmmd.baselines import baseline_scheduler, sample_baseline
     from latent_dmmd.evaluation import to_uint8
 
     unet = UNet2DModel.from_pretrained(os.path.join(folder, "unet")).eval()
     vae_path = baseline_vae(folder, args.vae)
-    vae = load_autoencoder(vae_path) if vae_path else None
+    vae = autoencoder(vae_path) if vae_path else None
     betas = DDPMScheduler.from_pretrained(os.path.join(folder, "scheduler"))  # same betas as the DMMD model
     rows, clip = [], args.clip_sample_range
     if clip is None:  # pixels lie in [-1, 1] (diffusers' default clipping); latents: their training range
@@ -130,12 +138,11 @@ def main():
         p.error("give --dmmd and/or --ddpm")
     pipes = {}
     for name, folder in models:
-        pipes[name] = DMMDPipeline.from_pretrained(folder)
-        if pipes[name].vae is None and args.vae:  # a latent model shipped without its autoencoder
-            from latent_dmmd.autoencoders import load_autoencoder
-
-            pipes[name] = DMMDPipeline.from_pretrained(folder, vae=load_autoencoder(args.vae))
-        pipes[name].set_progress_bar_config(disable=True)
+        pipe = DMMDPipeline.from_pretrained(folder)
+        if pipe.vae is None and args.vae:  # a latent model shipped without its autoencoder: attach it
+            pipe = DMMDPipeline(discriminator=pipe.discriminator, scheduler=pipe.scheduler, vae=autoencoder(args.vae))
+        pipe.set_progress_bar_config(disable=True)
+        pipes[name] = pipe
     pipe = next(iter(pipes.values()), None)
     stats_data = None
     if args.statistics_data:
@@ -146,7 +153,7 @@ def main():
     else:  # baselines only: the resolution of what the baseline decodes to
         from diffusers import UNet2DModel
 
-        from latent_dmmd.autoencoders import decode_latents, load_autoencoder
+        from latent_dmmd.autoencoders import decode_latents
 
         c = UNet2DModel.load_config(os.path.join(args.ddpm, "unet"))
         vae_dir = baseline_vae(args.ddpm, args.vae)
@@ -154,7 +161,7 @@ def main():
         if vae_dir:
             with torch.no_grad():
                 z = torch.zeros(1, c["in_channels"], c["sample_size"], c["sample_size"])
-                resolution = int(decode_latents(load_autoencoder(vae_dir), z).shape[-1])
+                resolution = int(decode_latents(autoencoder(vae_dir), z).shape[-1])
     if args.real_features and os.path.isfile(args.real_features):  # the reference set's features, computed once
         saved = torch.load(args.real_features, weights_only=True)
         if saved["key"] != [args.reference, args.reference_first_index, args.reference_count, resolution]:
