@@ -64,6 +64,9 @@ def test_bandwidth_is_tracked_per_bucket_and_unmeasured_buckets_read_the_nearest
     expected = 0.9 * first.mean() + 0.1 * 3 * first[0]
     assert disc.rff_bandwidth[bucket] == pytest.approx(expected.item(), rel=1e-6)
     assert int((disc.rff_bandwidth > 0).sum()) == 1
+    before = disc.rff_bandwidth.clone()
+    disc.update_bandwidth(torch.full_like(clean, float("nan")), torch.tensor([120, 990]))  # a non-finite step
+    assert torch.equal(disc.rff_bandwidth, before)
     # every level reads bucket 2 until another bucket is measured
     assert torch.allclose(disc.bandwidth_at(torch.tensor([0, 120, 999])), disc.rff_bandwidth[bucket].expand(3))
     disc.update_bandwidth(clean[:1], torch.tensor([990]))

@@ -205,7 +205,7 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
         counts = torch.zeros(RFF_BUCKETS, device=median.device).index_add_(0, buckets, torch.ones_like(median))
         if reduce is not None:
             sums, counts = reduce(sums), reduce(counts)
-        seen = counts > 0
+        seen = (counts > 0) & torch.isfinite(sums)  # a non-finite step (skipped by the loop) leaves it as it was
         reading = sums[seen] / counts[seen]
         old = self.rff_bandwidth[seen.to(self.rff_bandwidth.device)]
         new = torch.where(old > 0, decay * old + (1 - decay) * reading.to(old), reading.to(old))
