@@ -80,21 +80,32 @@ def gaussian_mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -
     )
 
 
+def rff_frequencies(num_features: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random Fourier frequencies of §5 ``kernel="rff_gaussian"``: ``W ~ N(0, I)`` (R, D) and
+    ``b ~ U[0, 2 pi)`` (R,), drawn in float64 from ``seed`` (the same draws wherever they are rebuilt)."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(num_features, dim, generator=gen, dtype=torch.float64)
+    bias = 2 * torch.pi * torch.rand(num_features, generator=gen, dtype=torch.float64)
+    return weight, bias
+
+
+def rff_map(scaled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``sqrt(2/R) cos(W f + b)`` of features already divided by their bandwidth (N, D)."""
+    return (2.0 / weight.shape[0]) ** 0.5 * torch.cos(scaled @ weight.T + bias)
+
+
 def random_fourier_features(
     features: torch.Tensor, bandwidth: torch.Tensor | float, num_features: int, seed: int = 0
 ) -> torch.Tensor:
-    """``psi(f) = sqrt(2/R) cos(W f / l + b)`` with ``W ~ N(0, I)`` (R, D) and ``b ~ U[0, 2 pi)`` drawn
-    from ``seed`` (§5 ``kernel="rff_gaussian"``): ``<psi(f), psi(f')>`` is an unbiased estimate of the
-    Gaussian kernel ``exp(-|f - f'|^2 / (2 l^2))``, so a linear-kernel MMD on ``psi`` is a Gaussian-kernel
-    MMD on ``f`` whose means can be cached. ``features`` (N, D); ``bandwidth`` a scalar or (N,) per row.
+    """``psi(f) = sqrt(2/R) cos(W f / l + b)`` with the frequencies of :func:`rff_frequencies`: ``<psi(f),
+    psi(f')>`` is an unbiased estimate of the Gaussian kernel ``exp(-|f - f'|^2 / (2 l^2))``, so a
+    linear-kernel MMD on ``psi`` is a Gaussian-kernel MMD on ``f`` whose means can be cached.
+    ``features`` (N, D); ``bandwidth`` a scalar or (N,) per row.
     """
-    d = features.shape[-1]
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(num_features, d, generator=gen, dtype=torch.float64).to(features.device, features.dtype)
-    bias = (2 * torch.pi * torch.rand(num_features, generator=gen, dtype=torch.float64)).to(features.device, features.dtype)
+    weight, bias = (x.to(features.device, features.dtype) for x in rff_frequencies(num_features, features.shape[-1], seed))
     bw = torch.as_tensor(bandwidth, dtype=features.dtype, device=features.device)
     bw = bw.view(-1, 1) if bw.dim() else bw
-    return (2.0 / num_features) ** 0.5 * torch.cos(features @ weight.T / bw + bias)
+    return rff_map(features / bw, weight, bias)
 
 
 def median_pairwise_distance(features: torch.Tensor) -> torch.Tensor:

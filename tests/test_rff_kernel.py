@@ -45,6 +45,8 @@ def test_discriminator_psi_features_estimate_the_gaussian_kernel_of_its_raw_feat
     bandwidth = disc.rff_bandwidth[disc.bandwidth_bucket(torch.tensor(420))]
     exact = torch.exp(-torch.cdist(raw, raw).square() / (2 * bandwidth**2))
     assert (psi @ psi.T - exact).abs().max() < 0.05
+    # the same map as the module-level function with the model's seed (the frequencies are drawn one way)
+    assert torch.allclose(psi, random_fourier_features(raw, bandwidth.expand(8), 8192, seed=0), atol=1e-5)
     # the calibrated bandwidth is the median feature distance of the data at the bucket's middle level
     with torch.no_grad():
         middle = disc(data, torch.full((32,), 425), raw=True)

@@ -13,6 +13,7 @@ from diffusers.models import UNet2DModel
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..mmd import median_pairwise_distance, rff_frequencies, rff_map
 from ..reference import ReferenceStatistics, weights_fingerprint
 
 
@@ -133,10 +134,8 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
         self.raw_feature_dim = projection_dim or raw_dim
         self.feature_dim = rff_features if kernel == "rff_gaussian" else self.raw_feature_dim
         if kernel == "rff_gaussian":
-            # W ~ N(0, I) (R, D) and b ~ U[0, 2 pi) follow from the seed: not stored, rebuilt on load
-            gen = torch.Generator().manual_seed(rff_seed)
-            weight = torch.randn(rff_features, self.raw_feature_dim, generator=gen, dtype=torch.float64)
-            bias = 2 * torch.pi * torch.rand(rff_features, generator=gen, dtype=torch.float64)
+            # the frequencies follow from the seed: not stored, rebuilt on load
+            weight, bias = rff_frequencies(rff_features, self.raw_feature_dim, rff_seed)
             self.register_buffer("rff_weight", weight.float(), persistent=False)
             self.register_buffer("rff_bias", bias.float(), persistent=False)
             # 0 = not measured yet; set by training (update_bandwidth) or calibrate_bandwidth
@@ -189,16 +188,13 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
     def kernel_features(self, features: torch.Tensor, bandwidth: torch.Tensor) -> torch.Tensor:
         """``psi(f) = sqrt(2/R) cos(W f / l + b)`` of raw features (B, D), ``bandwidth`` (B,), in float32
         (cosines of bf16 arguments would be noise): ``<psi(f), psi(f')>`` estimates ``exp(-|f-f'|²/(2 l²))``."""
-        f = features.float() / bandwidth.to(features.device).float().view(-1, 1)
-        return (2.0 / self.config.rff_features) ** 0.5 * torch.cos(f @ self.rff_weight.T + self.rff_bias)
+        return rff_map(features.float() / bandwidth.to(features.device).float().view(-1, 1), self.rff_weight, self.rff_bias)
 
     @torch.no_grad()
     def update_bandwidth(self, clean: torch.Tensor, levels: torch.Tensor, decay: float = 0.95, reduce=None) -> None:
         """Fold the median pairwise distance of each group's clean raw features ``clean`` (G, n, D), at
         the groups' ``levels`` (G,), into the running bandwidth of their buckets (the first reading of a
         bucket is taken as it is). ``reduce`` sums over processes, so every process keeps the same values."""
-        from ..mmd import median_pairwise_distance
-
         median = median_pairwise_distance(clean.float())
         buckets = self.bandwidth_bucket(levels).to(median.device)
         sums = torch.zeros(RFF_BUCKETS, device=median.device).index_add_(0, buckets, median)
@@ -216,8 +212,6 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
         """Set every bucket's bandwidth to the median distance between the clean features of ``clean``
         (N, C, H, W; up to ``batch_size`` used) at the bucket's middle level: a model that was not trained
         with this kernel (tests, conversions) can then compute statistics and sample."""
-        from ..mmd import median_pairwise_distance
-
         x = clean[:batch_size].to(self.rff_bandwidth.device)
         for b in range(RFF_BUCKETS):
             t = torch.full((x.shape[0],), (2 * b + 1) * 1000 // (2 * RFF_BUCKETS), device=x.device)
