@@ -56,6 +56,33 @@ def add_sampling_args(p, num_samples: int = 500, seed: int = 0) -> None:
     p.add_argument("--seed", type=int, default=seed, help="first per-image seed (image i uses seed + i)")
 
 
+def add_real_features_arg(p) -> None:
+    p.add_argument("--real_features", default=None,
+                   help="file caching the reference set's Inception features: computed and saved if absent, else loaded")
+
+
+def reference_metric(args, resolution: int, kid_subset_size: int = 100):
+    """A ``FIDKID`` holding the reference set's features at ``resolution``: loaded from ``--real_features``
+    when that file holds this very set, else computed (and saved there, atomically, when the flag is given)."""
+    from latent_dmmd.evaluation import FIDKID, reference_images
+
+    metric = FIDKID(kid_subset_size=kid_subset_size)
+    key = [args.reference, args.reference_first_index, args.reference_count, resolution]
+    cache = getattr(args, "real_features", None)
+    if cache and os.path.isfile(cache):
+        saved = torch.load(cache, weights_only=True)
+        if saved["key"] != key:
+            raise SystemExit(f"{cache} holds the features of another reference set: {saved['key']}, not {key}")
+        metric.add_features(saved["features"], real=True)
+        return metric
+    for batch in reference_images(args.reference, resolution, args.reference_first_index, args.reference_count):
+        metric.update(batch, real=True)
+    if cache:
+        torch.save({"key": key, "features": metric.real_features()}, cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
+    return metric
+
+
 def add_name_arg(p, default: str) -> None:
     p.add_argument("--name", default=default, help="output file stem in benchmarks/results (.json and .png)")
 

@@ -68,9 +68,9 @@ def main():
     from diffusers import UNet2DModel
 
     from latent_dmmd import DMMDPipeline
-    from latent_dmmd.latent_cache import LatentCacheDataset
     from latent_dmmd.diagnostics import adaptive_grid, plot_effective_noise, trace_effective_noise
     from latent_dmmd.evaluation import FIDKID, generate, output_resolution, reference_images, save_grid
+    from latent_dmmd.latent_cache import LatentCacheDataset
 
     pipe = DMMDPipeline.from_pretrained(args.dmmd)
     pipe.register_modules(score_model=UNet2DModel.from_pretrained(os.path.join(args.ddpm, "unet")).eval())

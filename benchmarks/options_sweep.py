@@ -66,8 +66,8 @@ def main():
     args = p.parse_args(argv)
 
     from latent_dmmd import DMMDPipeline
-    from latent_dmmd.latent_cache import LatentCacheDataset
     from latent_dmmd.evaluation import FIDKID, generate, output_resolution, reference_images
+    from latent_dmmd.latent_cache import LatentCacheDataset
     from latent_dmmd.reference import compute_reference_statistics
     from latent_dmmd.training import load_config
 

@@ -19,7 +19,16 @@ import os
 import time
 
 import torch
-from common import add_name_arg, add_reference_args, add_sampling_args, plt, save_figure, write
+from common import (
+    add_name_arg,
+    add_real_features_arg,
+    add_reference_args,
+    add_sampling_args,
+    plt,
+    reference_metric,
+    save_figure,
+    write,
+)
 
 
 def dmmd_points(pipe, nfes, levels_list, args, metric, stats_data, model="dmmd"):
@@ -34,7 +43,7 @@ def dmmd_points(pipe, nfes, levels_list, args, metric, stats_data, model="dmmd")
         times = torch.cat([sched.grid(t) for t in grids]).unique().flip(0)
         pipe.discriminator.set_reference_statistics(
             compute_reference_statistics(pipe.discriminator, stats_data.split(256), times, sched.alphas_cumprod,
-                                         generator=torch.Generator().manual_seed(0)),  # fmt: skip
+                                         generator=torch.Generator().manual_seed(0)),
             vae=pipe.vae,
         )
     for n in nfes:
@@ -124,14 +133,13 @@ def main():
                    help="which baseline samplers to score")
     p.add_argument("--ddpm_full", type=int, nargs="*", default=[],
                    help="extra DDPM-only NFE points (e.g. 1000: the full ancestral chain, the sanity check)")
-    p.add_argument("--real_features", default=None,
-                   help="file caching the reference set's Inception features: computed and saved if absent, else loaded")
+    add_real_features_arg(p)
     add_name_arg(p, "quality_vs_nfe")
     args = p.parse_args()
 
     from latent_dmmd import DMMDPipeline
+    from latent_dmmd.evaluation import output_resolution
     from latent_dmmd.latent_cache import LatentCacheDataset
-    from latent_dmmd.evaluation import FIDKID, output_resolution, reference_images
 
     models = [item.split("=", 1) if "=" in item else ("dmmd", item) for item in args.dmmd]
     if not models and not args.ddpm:
@@ -147,7 +155,6 @@ def main():
     stats_data = None
     if args.statistics_data:
         stats_data = LatentCacheDataset(args.statistics_data).tensors["mean"]
-    metric = FIDKID(kid_subset_size=args.kid_subset_size)
     if pipe is not None:
         resolution = output_resolution(pipe)
     else:  # baselines only: the resolution of what the baseline decodes to
@@ -162,18 +169,7 @@ def main():
             with torch.no_grad():
                 z = torch.zeros(1, c["in_channels"], c["sample_size"], c["sample_size"])
                 resolution = int(decode_latents(autoencoder(vae_dir), z).shape[-1])
-    if args.real_features and os.path.isfile(args.real_features):  # the reference set's features, computed once
-        saved = torch.load(args.real_features, weights_only=True)
-        if saved["key"] != [args.reference, args.reference_first_index, args.reference_count, resolution]:
-            p.error(f"{args.real_features} holds the features of another reference set: {saved['key']}")
-        metric.add_features(saved["features"], real=True)
-    else:
-        for batch in reference_images(args.reference, resolution, args.reference_first_index, args.reference_count):
-            metric.update(batch, real=True)
-        if args.real_features:
-            key = [args.reference, args.reference_first_index, args.reference_count, resolution]
-            torch.save({"key": key, "features": metric.real_features()}, args.real_features + ".tmp")
-            os.replace(args.real_features + ".tmp", args.real_features)
+    metric = reference_metric(args, resolution, args.kid_subset_size)
     if args.reuse_dmmd:  # DMMD rows of an earlier run with the same protocol (e.g. to redo the baselines)
         with open(args.reuse_dmmd) as f:  # a results JSON, or the JSON lines a run printed
             text = f.read()

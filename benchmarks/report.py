@@ -24,7 +24,7 @@ def table(header: list[str], rows: list[list]) -> str:
 
 def quality(record) -> str:
     rows = []
-    key = lambda r: (r["nfe"], r["method"], r.get("model") or "", r.get("levels") or 0)  # noqa: E731
+    key = lambda r: (r["nfe"], r["method"], r.get("model") or "", r.get("levels") or 0)
     for r in sorted(record["rows"], key=key):
         if r["method"] == "dmmd":
             model = f"{r['model']} " if r.get("model") not in (None, "dmmd") else ""

@@ -44,9 +44,8 @@ def main():
         train = LatentCacheDataset(args.cache).tensors["mean"]
         ref = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:256]]
     else:
-        from latent_dmmd.data import build_image_dataset
-
         from latent_dmmd import DMMDDiscriminator
+        from latent_dmmd.data import build_image_dataset
 
         channels = DMMDDiscriminator.load_config(args.pipeline[0].split("=", 1)[1], subfolder="discriminator")["in_channels"]
         ds = build_image_dataset(args.data, resolution=args.resolution, channels=channels)
