@@ -1,0 +1,59 @@
+"""The arm grammar of benchmarks/sampler_remedies.py: call options vs scheduler settings, and an arm's scheduler
+settings confined to that arm."""
+
+import os
+import sys
+
+import pytest
+import torch
+from .conftest import tiny_pipeline
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import sampler_remedies as sr  # noqa: E402
+
+
+def test_arm_spec_parses_label_model_and_typed_options():
+    arm = sr.parse_arm("beta=1 lin@rff:noise_injection=1,noise_injection_schedule=linear,final_denoise=none", ["dmmd", "rff"])
+    assert arm == {"label": "beta=1 lin", "model": "rff",
+                   "options": {"noise_injection": 1, "noise_injection_schedule": "linear", "final_denoise": None}}
+    assert sr.parse_arm("plain", ["dmmd"]) == {"label": "plain", "model": "dmmd", "options": {}}
+    with pytest.raises(SystemExit, match="names model"):
+        sr.parse_arm("x@kale", ["dmmd"])
+    with pytest.raises(SystemExit, match="not KEY=VALUE"):
+        sr.parse_arm("x:noise_injection", ["dmmd"])
+
+
+def test_options_split_between_the_call_and_the_scheduler_and_unknown_keys_are_refused():
+    pipe = tiny_pipeline()
+    call, config = sr.split_options(pipe, {"noise_injection": 0.5, "step_size_schedule": "level", "final_denoise": "flow"})
+    assert call == {"noise_injection": 0.5, "final_denoise": "flow"}
+    assert config == {"step_size_schedule": "level"}
+    with pytest.raises(SystemExit, match="unknown option"):
+        sr.split_options(pipe, {"noise_injektion": 0.5})
+
+
+class _Metric:
+    """Stands in for FIDKID: records the fake images it is given."""
+
+    def reset_fake(self):
+        self.images = None
+
+    def update(self, images, real):
+        self.images = images
+
+    def compute(self):
+        return {"fid": float(self.images.float().mean()), "num_fake": len(self.images)}
+
+
+def test_scheduler_settings_of_an_arm_apply_to_that_arm_only():
+    pipe = tiny_pipeline(num_inference_steps=2, flow_steps_per_level=1)
+    args = type("Args", (), {"num_samples": 4, "batch_size": 4, "seed": 0, "levels": 2, "flow_steps": 1})()
+    metric = _Metric()
+    plain = sr.score_arm(pipe, {"label": "plain", "model": "m", "options": {}}, metric, args)
+    flow = sr.score_arm(pipe, {"label": "flow", "model": "m", "options": {"final_denoise": "flow",
+                                                                           "final_denoise_steps": 3}}, metric, args)
+    assert pipe.scheduler.config.final_denoise_steps != 3  # restored after the arm
+    assert plain["nfe"] == 2 and flow["nfe"] == 2 + 3  # the arm's extra flow steps were counted, and run
+    assert flow["settings"]["final_denoise"] == "flow" and plain["settings"]["final_denoise"] == "none"
+    again = sr.score_arm(pipe, {"label": "plain", "model": "m", "options": {}}, metric, args)
+    assert again["fid"] == plain["fid"] and flow["fid"] != plain["fid"]  # same seeds: the same samples
