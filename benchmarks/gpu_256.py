@@ -1,0 +1,92 @@
+"""The 256 x 256 config on a CUDA GPU: train a few hundred steps, then sample; print s/step, s/image and peak memory.
+
+    python benchmarks/gpu_256.py                      # configs/celebahq_taef2_256.yaml, 300 steps, 64 images
+    python benchmarks/gpu_256.py --steps 500 --num_images 256 --name gpu_256_h100
+
+Training runs in this process (one GPU; the config's bf16), from a fresh output folder; its latent cache
+is built first on the GPU and not timed. s/step is the training loop's wall-clock over its steps (the
+first steps' compilation and allocation included). Sampling flows ``--num_images`` particles together
+at the config's T x N_s and decodes them with TAEF2; s/image includes the decode, timed after one
+warm-up call. Peak memory is ``torch.cuda.max_memory_allocated`` of each phase. Writes
+benchmarks/results/<name>.json. Without CUDA it stops with a message, unless ``--allow_cpu`` (a smoke
+run of the script itself, e.g. with configs/debug_cpu.yaml and a handful of steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from common import add_name_arg, write
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_gb() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/celebahq_taef2_256.yaml", help="training config")
+    p.add_argument("--steps", type=int, default=300, help="training steps")
+    p.add_argument("--num_images", type=int, default=64, help="particles flowed together when sampling")
+    p.add_argument("--output_dir", default="outputs/gpu_256", help="training output folder (replaced)")
+    p.add_argument("--latent_cache_dir", default=None, help="latent cache (default: inside --output_dir)")
+    p.add_argument("--allow_cpu", action="store_true", help="run without CUDA (a smoke run, not a measurement)")
+    p.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="further training flags, last")
+    add_name_arg(p, "gpu_256")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.allow_cpu:
+        raise SystemExit("benchmarks/gpu_256.py measures a CUDA GPU and none is visible (torch.cuda.is_available() "
+                         "is False); --allow_cpu runs it anyway as a smoke test")  # fmt: skip
+
+    from latent_dmmd import DMMDPipeline
+    from latent_dmmd.training import main as train
+
+    cache = args.latent_cache_dir or os.path.join(args.output_dir, "latent_cache")
+    flags = ["--config", args.config, "--max_train_steps", str(args.steps), "--output_dir", args.output_dir,
+             "--overwrite_output_dir", "--validation_steps", "0", "--checkpointing_steps", str(args.steps),
+             "--latent_cache_dir", cache, "--report_to", "none", *args.train_args]  # fmt: skip
+    if not cuda:
+        flags += ["--mixed_precision", "no"]
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    folder = train(flags)
+    train_peak = peak_gb()
+    with open(os.path.join(args.output_dir, "training_summary.json")) as f:
+        summary = json.load(f)
+
+    device = "cuda" if cuda else "cpu"
+    pipe = DMMDPipeline.from_pretrained(folder).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe(num_images=args.num_images, generator=torch.Generator().manual_seed(0), output_type="pt")  # warm-up
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    start = time.perf_counter()
+    images = pipe(num_images=args.num_images, generator=torch.Generator().manual_seed(1), output_type="pt").images
+    sync()
+    seconds = time.perf_counter() - start
+    record = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu (smoke run)",
+        "config": args.config, "train_steps": summary["train_steps"],
+        "seconds_per_step": summary["train_loop_seconds"] / max(1, summary["train_steps"]),
+        "train_peak_memory_gb": train_peak, "num_images": args.num_images,
+        "image_shape": list(images.shape[1:]), "seconds_per_image": seconds / args.num_images,
+        "sample_peak_memory_gb": peak_gb(), "nfe": pipe.scheduler.nfe()["nfe"],
+    }  # fmt: skip
+    print(json.dumps(record, indent=2))
+    write(args.name, {"benchmark": "256x256 config on a GPU", "args": vars(args), **record})
+    return record
+
+
+if __name__ == "__main__":
+    main()
