@@ -201,7 +201,7 @@ def dmmd_loss(
     group_weights: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
     penalty_index: torch.Tensor | None = None,
     kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    on_clean_features: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    on_raw_features: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> DMMDLossOutput:
     """DMMD discriminator loss of §3, minimised: ``-MMD²_u + λ_l2 R_l2 + λ_gp R_gp``.
 
@@ -223,8 +223,8 @@ def dmmd_loss(
     ``penalty_index`` (indices into the batch) evaluates the gradient penalty on those interpolates
     only: its forward and double backward then cost that fraction of the full penalty.
     ``kernel(features, t) -> psi`` maps ``phi``'s raw features (and the penalty's) into the space where
-    the MMD is linear (§5 ``rff_gaussian``); ``on_clean_features(clean (G, n, D), levels (G,))`` sees the
-    detached raw clean features of each group first (how the kernel's bandwidth is measured).
+    the MMD is linear (§5 ``rff_gaussian``); ``on_raw_features(clean (G, n, D), noisy (G, n, D), levels (G,))``
+    sees each group's detached raw features of both samples first (how the kernel's bandwidth is measured).
     """
     batch = x0.shape[0]
     if batch % num_groups:
@@ -242,8 +242,9 @@ def dmmd_loss(
     else:
         raise ValueError(f"unknown pairing {pairing!r}; expected 'paired', 'permuted' or 'independent'")
     features = phi(torch.cat([x0, scored]), torch.cat([t, t]))
-    if on_clean_features is not None:
-        on_clean_features(features[:batch].detach().view(num_groups, size, -1), t.view(num_groups, size)[:, 0])
+    if on_raw_features is not None:
+        raw = features.detach().view(2, num_groups, size, -1)
+        on_raw_features(raw[0], raw[1], t.view(num_groups, size)[:, 0])
     if kernel is not None:
         features = kernel(features, torch.cat([t, t]))
     a, b = features[:batch].view(num_groups, size, -1), features[batch : 2 * batch].view(num_groups, size, -1)

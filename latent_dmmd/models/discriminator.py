@@ -191,11 +191,15 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
         return rff_map(features.float() / bandwidth.to(features.device).float().view(-1, 1), self.rff_weight, self.rff_bias)
 
     @torch.no_grad()
-    def update_bandwidth(self, clean: torch.Tensor, levels: torch.Tensor, decay: float = 0.95, reduce=None) -> None:
-        """Fold the median pairwise distance of each group's clean raw features ``clean`` (G, n, D), at
-        the groups' ``levels`` (G,), into the running bandwidth of their buckets (the first reading of a
-        bucket is taken as it is). ``reduce`` sums over processes, so every process keeps the same values."""
-        median = median_pairwise_distance(clean.float())
+    def update_bandwidth(self, features: torch.Tensor, levels: torch.Tensor, decay: float = 0.95, reduce=None) -> None:
+        """Fold the median pairwise distance of each group's raw features ``features`` (G, m, D), at the
+        groups' ``levels`` (G,), into the running bandwidth of their buckets (the first reading of a bucket
+        is taken as it is). ``reduce`` sums over processes, so every process keeps the same values.
+
+        Training passes a group's clean and noisy features pooled: the median heuristic over both samples.
+        The clean features alone give a kernel as narrow as the data's own spread, and the noisy particles
+        the sampler starts from then sit many bandwidths away, where the witness and its gradient vanish."""
+        median = median_pairwise_distance(features.float())
         buckets = self.bandwidth_bucket(levels).to(median.device)
         sums = torch.zeros(RFF_BUCKETS, device=median.device).index_add_(0, buckets, median)
         counts = torch.zeros(RFF_BUCKETS, device=median.device).index_add_(0, buckets, torch.ones_like(median))
@@ -208,14 +212,22 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
         self.rff_bandwidth[seen.to(self.rff_bandwidth.device)] = new
 
     @torch.no_grad()
-    def calibrate_bandwidth(self, clean: torch.Tensor, batch_size: int = 256) -> None:
-        """Set every bucket's bandwidth to the median distance between the clean features of ``clean``
-        (N, C, H, W; up to ``batch_size`` used) at the bucket's middle level: a model that was not trained
+    def calibrate_bandwidth(self, clean: torch.Tensor, batch_size: int = 256, alphas_cumprod: torch.Tensor | None = None,
+                            generator: torch.Generator | None = None) -> None:  # fmt: skip
+        """Set every bucket's bandwidth to the median feature distance at the bucket's middle level, over
+        ``clean`` (N, C, H, W; up to ``batch_size`` used) and, given the scheduler's ``alphas_cumprod``,
+        their forward-noised copies pooled with them (as training measures it): a model that was not trained
         with this kernel (tests, conversions) can then compute statistics and sample."""
         x = clean[:batch_size].to(self.rff_bandwidth.device)
         for b in range(RFF_BUCKETS):
-            t = torch.full((x.shape[0],), (2 * b + 1) * 1000 // (2 * RFF_BUCKETS), device=x.device)
-            self.rff_bandwidth[b] = median_pairwise_distance(self(x.to(self.dtype), t, raw=True).float()[None])[0]
+            level = (2 * b + 1) * 1000 // (2 * RFF_BUCKETS)
+            t = torch.full((x.shape[0],), level, device=x.device)
+            raw = self(x.to(self.dtype), t, raw=True).float()
+            if alphas_cumprod is not None:
+                a = alphas_cumprod[level].to(x.device, x.dtype)
+                noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+                raw = torch.cat([raw, self((a.sqrt() * x + (1 - a).sqrt() * noise).to(self.dtype), t, raw=True).float()])
+            self.rff_bandwidth[b] = median_pairwise_distance(raw[None])[0]
 
     def set_attention_slice(self, slice_size: int | str | None) -> None:
         """Attention in slices of ``slice_size`` heads (``"auto"``: half of them, ``"max"``: one at a

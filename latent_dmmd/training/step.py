@@ -100,7 +100,9 @@ def dmmd_step_loss(
         phi_penalty = None if penalty_model is None else (lambda x, tt: penalty_model(x, tt, raw=True))
         kernel = {
             "kernel": lambda f, tt: unwrapped.kernel_features(f, unwrapped.bandwidth_at(tt)),
-            "on_clean_features": lambda clean, levels: unwrapped.update_bandwidth(clean, levels, reduce=reduce),
+            # the median heuristic over both samples of a group, clean and noisy pooled (see update_bandwidth)
+            "on_raw_features": lambda clean, noisy, levels: unwrapped.update_bandwidth(torch.cat([clean, noisy], 1),
+                                                                                       levels, reduce=reduce),  # fmt: skip
         }
     return dmmd_loss(
         phi, x0, xt, t, groups, lambda_l2=config.lambda_l2, lambda_gp=lambda_gp,
