@@ -61,6 +61,21 @@ def sweep(record) -> str:
     return table(["setting", "NFE", "forward-equiv.", "FID", "KID", "precision", "recall", "s / image"], rows)
 
 
+def remedies(record) -> str:
+    base = next((r for r in record["rows"] if r["label"] == record["args"].get("baseline", "plain")), None)
+    rows = []
+    for r in record["rows"]:
+        versus = ["—", "—"]
+        if base is not None and r is not base:
+            versus = [f"{100 * (r['fid'] / base['fid'] - 1):+.1f} %",
+                      "—" if not base["recall"] else f"{r['recall'] / base['recall']:.1f}×"]  # fmt: skip
+        rows.append([r["label"], r["model"], r["nfe"], r["forward_equivalents"], fmt(r["fid"]),
+                     f"{r['kid']:.4f} ± {r['kid_std']:.4f}", fmt(r["precision"], 3), fmt(r["recall"], 3), *versus,
+                     f"{r['noise_memory_r2']:.2f}", fmt(r["seconds_per_image"], 3)])  # fmt: skip
+    return table(["arm", "model", "NFE", "forward-equiv.", "FID", "KID", "precision", "recall", "FID vs plain",
+                  "recall vs plain", "R² on noise", "s / image"], rows)  # fmt: skip
+
+
 def step_size(record) -> str:
     rows = [[r["step_size"], fmt(r["fid"]), f"{r['kid']:.4f}", fmt(r.get("recall"), 3)] for r in record["rows"]]
     return table(["eta", "FID (vs training images)", "KID", "recall"], rows)
@@ -90,7 +105,8 @@ def main():
         kind = record["benchmark"]
         render = (quality if kind.startswith("FID/KID vs NFE") else step_size if kind.startswith("step size")
                   else flow if kind == "flow diagnostics" else epsilon_mse if kind.startswith("DDPM baseline")
-                  else selection if kind.startswith("sampler selection") else sweep)  # fmt: skip
+                  else selection if kind.startswith("sampler selection")
+                  else remedies if kind.startswith("sampler remedies") else sweep)  # fmt: skip
         print(f"### {name}\n\n{render(record)}\n")
 
 
