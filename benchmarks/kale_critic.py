@@ -19,7 +19,7 @@ from common import add_name_arg, write
 
 def critic_at(disc, x: torch.Tensor, level: int) -> dict:
     x = x.clone().requires_grad_(True)
-    h = disc(x, torch.full((x.shape[0],), level))
+    h = disc.critic(x, torch.full((x.shape[0],), level))  # the clipped h the flow follows
     (grad,) = torch.autograd.grad(h.sum(), x)
     return {"h_mean": float(h.mean()), "grad_norm_mean": float(grad.flatten(1).norm(dim=1).mean())}
 
