@@ -10,8 +10,8 @@ import torch
 from .conftest import CELEBA_DIR, TAEF2_DIR
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-import common  # noqa: E402
-import gpu_256  # noqa: E402
+import common
+import gpu_256
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")

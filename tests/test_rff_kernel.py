@@ -90,7 +90,7 @@ def test_gaussian_kernel_flow_lands_on_the_target_mean_and_variance():
     R = 1024, cached target mean over 20,000 samples): the flow matches mean and spread (tolerances 0.02 and
     0.03; measured 1.501 and 0.688). A narrow bandwidth (1) leaves the far tail repelled by its neighbours
     and attracted by nothing (std 1.47 after 1,000 steps): the stall noise injection is meant for."""
-    phi = lambda x, t: random_fourier_features(x, 3.0, 1024, seed=1)  # noqa: E731
+    phi = lambda x, t: random_fourier_features(x, 3.0, 1024, seed=1)
     target = 1.5 + 0.7 * torch.randn(20000, 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     m_p = phi(target, None).mean(0, keepdim=True)
     z = torch.randn(400, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -131,7 +131,7 @@ def test_training_measures_the_bandwidth_over_clean_and_noisy_features_pooled():
     from latent_dmmd.mmd import dmmd_loss
 
     seen = {}
-    phi = lambda x, t: x.flatten(1) * 2.0  # noqa: E731
+    phi = lambda x, t: x.flatten(1) * 2.0
     x0 = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
     xt = x0 + 5.0
     dmmd_loss(phi, x0, xt, torch.tensor([100] * 4 + [700] * 4), 2, lambda_gp=0.0,

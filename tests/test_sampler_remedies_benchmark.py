@@ -5,11 +5,11 @@ import os
 import sys
 
 import pytest
-import torch
+
 from .conftest import tiny_pipeline
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-import sampler_remedies as sr  # noqa: E402
+import sampler_remedies as sr
 
 
 def test_arm_spec_parses_label_model_and_typed_options():

@@ -102,7 +102,7 @@ def dmmd_step_loss(
             "kernel": lambda f, tt: unwrapped.kernel_features(f, unwrapped.bandwidth_at(tt)),
             # the median heuristic over both samples of a group, clean and noisy pooled (see update_bandwidth)
             "on_raw_features": lambda clean, noisy, levels: unwrapped.update_bandwidth(torch.cat([clean, noisy], 1),
-                                                                                       levels, reduce=reduce),  # fmt: skip
+                                                                                       levels, reduce=reduce),
         }
     return dmmd_loss(
         phi, x0, xt, t, groups, lambda_l2=config.lambda_l2, lambda_gp=lambda_gp,
