@@ -8,6 +8,7 @@ double backward on one step in k, so one timed unit is a cycle of k consecutive 
 (exactly one with the penalty) against k DDPM steps; the ratio is per step either way.
 
     python benchmarks/train_cost.py              # writes benchmarks/results/train_cost.{json,png}
+    python benchmarks/train_cost.py --backbone latent256_cpu --name train_cost_256cpu   # sizing the 256² CPU config
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import os
 
 import torch
-from common import latent64_discriminator, plt, save_figure, timeit_pair, write
+from common import latent64_discriminator, latent256_cpu_discriminator, plt, save_figure, timeit_pair, write
 
 
 def fashion_discriminator():
@@ -86,22 +87,30 @@ BACKBONES = (
      [(1.0, 1, 1.0), (0.0, 1, 1.0)]),
 )
 
+# backbones measured only when named (--backbone): the full penalty, the configs' setting
+EXTRA = {
+    "latent256_cpu": ("celebahq_taef2_256_cpu (32x32x32 latents)", latent256_cpu_discriminator, (32, 32, 32), [(1.0, 1, 1.0)]),
+}
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=64, help="samples per step")
     p.add_argument("--repeats", type=int, default=7, help="timed steps per measurement (alternating DMMD/DDPM)")
     p.add_argument("--plot_only", action="store_true", help="redraw the plot from results/train_cost.json")
+    p.add_argument("--backbone", choices=sorted(EXTRA), default=None,
+                   help="measure this backbone alone instead of benchmark c's three")
+    p.add_argument("--name", default="train_cost", help="output file stem in benchmarks/results")
     args = p.parse_args()
     if args.plot_only:
         from common import RESULTS
 
-        path = os.path.join(RESULTS, "train_cost.json")
+        path = os.path.join(RESULTS, args.name + ".json")
         with open(path) as f:
             plot(json.load(f)["rows"], path)
         return
     rows = []
-    for name, make, shape, grid in BACKBONES:
+    for name, make, shape, grid in [EXTRA[args.backbone]] if args.backbone else BACKBONES:
         for lambda_gp, k, f in grid:
             dmmd, ddpm = steps(make, args.batch, shape, lambda_gp, k, f)
             tc_d, tc_p = timeit_pair(dmmd, ddpm, args.repeats)
@@ -112,7 +121,7 @@ def main():
             rows.append(row)
             print(json.dumps({key: (round(v, 4) if isinstance(v, float) else v) for key, v in row.items()
                               if key not in ("dmmd_step", "ddpm_step", "batch")}), flush=True)  # fmt: skip
-    path = write("train_cost", {"benchmark": "DMMD step / DDPM step, same backbone and batch (per step over "
+    path = write(args.name, {"benchmark": "DMMD step / DDPM step, same backbone and batch (per step over "
                                 "cycles of gp_every steps)", "rows": rows, "target": "<= 2.0"})  # fmt: skip
     plot(rows, path)
 
