@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> dict:
     flags = ["--config", args.config, "--max_train_steps", str(args.steps), "--output_dir", args.output_dir,
              "--overwrite_output_dir", "--validation_steps", "0", "--checkpointing_steps", str(args.steps),
              "--latent_cache_dir", cache, "--report_to", "none", *args.train_args]  # fmt: skip
-    if not cuda:
-        flags += ["--mixed_precision", "no"]
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    else:  # the CPU smoke run: no bf16 autocast
+        flags += ["--mixed_precision", "no"]
     folder = train(flags)
     train_peak = peak_gb()
     with open(os.path.join(args.output_dir, "training_summary.json")) as f:
