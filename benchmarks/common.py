@@ -106,6 +106,24 @@ def save_figure(fig, path: str, dpi: int = 90) -> str:
     return png
 
 
+def save_sample_grid(images, name: str, label: str, count: int, nrow: int = 4) -> str | None:
+    """The first ``count`` of a row's uint8 images (N, 3, H, W) as ``results/<name>_<label>.png``, at full resolution."""
+    if count <= 0:
+        return None
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    picked = images[:count]
+    rows = -(-len(picked) // nrow)
+    tiles = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in picked]
+    tiles += [Image.new("RGB", tiles[0].size)] * (rows * nrow - len(tiles))  # pad the last row with black tiles
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}_{label}.png")
+    make_image_grid(tiles, rows=rows, cols=nrow).save(path, optimize=True)
+    print("wrote", path)
+    return path
+
+
 def plt():
     import matplotlib
 

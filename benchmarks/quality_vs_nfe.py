@@ -27,6 +27,7 @@ from common import (
     plt,
     reference_metric,
     save_figure,
+    save_sample_grid,
     write,
 )
 
@@ -53,6 +54,7 @@ def dmmd_points(pipe, nfes, levels_list, args, metric, stats_data, model="dmmd")
             particles = {}
             images, seconds = generate(pipe, args.num_samples, args.batch_size, args.seed, particles=particles,
                                        num_inference_steps=t, flow_steps_per_level=n // t)  # fmt: skip
+            save_sample_grid(images, args.name, f"{model}_nfe{n}_T{t}", args.save_grid)
             metric.reset_fake()
             metric.update(images, real=False)
             m = metric.compute()
@@ -101,6 +103,7 @@ def baseline_points(folder, nfes, args, metric, stats_data=None):
                 gens = [torch.Generator().manual_seed(args.seed + first + i) for i in range(k)]
                 chunks.append(to_uint8(((sample_baseline(unet, sched, k, n, gens, vae) + 1) / 2).clamp(0, 1)))
             seconds = time.perf_counter() - start
+            save_sample_grid(torch.cat(chunks), args.name, f"{kind}_nfe{n}", args.save_grid)
             metric.reset_fake()
             metric.update(torch.cat(chunks), real=False)
             rows.append({"method": kind, "nfe": n, "forward_equivalents": n, "clip_sample_range": clip,
@@ -133,6 +136,8 @@ def main():
                    help="which baseline samplers to score")
     p.add_argument("--ddpm_full", type=int, nargs="*", default=[],
                    help="extra DDPM-only NFE points (e.g. 1000: the full ancestral chain, the sanity check)")
+    p.add_argument("--save_grid", type=int, default=0,
+                   help="save each row's first N images (seeds seed..seed+N-1) as results/<name>_<row>.png")
     add_real_features_arg(p)
     add_name_arg(p, "quality_vs_nfe")
     args = p.parse_args()

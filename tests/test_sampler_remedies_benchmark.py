@@ -57,3 +57,25 @@ def test_scheduler_settings_of_an_arm_apply_to_that_arm_only():
     assert flow["settings"]["final_denoise"] == "flow" and plain["settings"]["final_denoise"] == "none"
     again = sr.score_arm(pipe, {"label": "plain", "model": "m", "options": {}}, metric, args)
     assert again["fid"] == plain["fid"] and flow["fid"] != plain["fid"]  # same seeds: the same samples
+
+
+def test_sample_grid_keeps_the_first_images_in_order_at_full_resolution(tmp_path, monkeypatch):
+    """benchmarks/quality_vs_nfe.py --save_grid: a row's first images, pixel for pixel, padded to full rows."""
+    import common
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    images = torch.stack([torch.full((3, 5, 7), 20 * i, dtype=torch.uint8) for i in range(8)])
+    images[1, 0, 2, 3] = 255  # one marked pixel, to check placement
+    path = common.save_sample_grid(images, "bench", "dmmd_nfe20", count=6, nrow=4)
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (2 * 5, 4 * 7, 3)
+    for i in range(6):
+        r, c = divmod(i, 4)
+        tile = grid[5 * r : 5 * r + 5, 7 * c : 7 * c + 7]
+        expected = images[i].permute(1, 2, 0).numpy()
+        assert (tile == expected).all(), i
+    assert (grid[5:, 14:] == 0).all()  # the two padding tiles
+    assert common.save_sample_grid(images, "bench", "none", count=0) is None
