@@ -120,11 +120,20 @@ def test_readme_main_command_samples_the_shipped_model(tmp_path, capsys):
     assert grid.std() > 10  # a picture, not a constant frame
 
 
-def test_shipped_latent_model_has_no_autoencoder_and_says_how_to_attach_it():
-    """The CelebA-HQ model ships without TAEF2's weights and without face images."""
+# the shipped CelebA-HQ models: folder name, latent side, image side
+SHIPPED_LATENT = [("celebahq-taef2-64-dmmd", 8, 64), ("celebahq-taef2-256-dmmd", 32, 256)]
+
+
+def shipped(name: str) -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", name)
+
+
+@pytest.mark.parametrize("name,latent_side,image_side", SHIPPED_LATENT)
+def test_shipped_latent_model_has_no_autoencoder_and_says_how_to_attach_it(name, latent_side, image_side):
+    """The CelebA-HQ models ship without TAEF2's weights and without face images."""
     from latent_dmmd import DMMDPipeline
 
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "celebahq-taef2-64-dmmd")
+    folder = shipped(name)
     files = [os.path.relpath(os.path.join(r, f), folder) for r, _, fs in os.walk(folder) for f in fs]
     assert files and not any(f.startswith("vae") or f.endswith((".png", ".jpg")) for f in files), files
     assert "load_taef2" in open(os.path.join(folder, "README.md")).read()
@@ -132,10 +141,11 @@ def test_shipped_latent_model_has_no_autoencoder_and_says_how_to_attach_it():
     with pytest.raises(ValueError, match="from_pretrained\\(folder, vae=...\\)"):
         pipe(num_images=1, num_inference_steps=10, flow_steps_per_level=1)
     latents = pipe(num_images=2, num_inference_steps=10, flow_steps_per_level=1, output_type="latent").images
-    assert latents.shape == (2, 32, 8, 8) and torch.isfinite(latents).all()
+    assert latents.shape == (2, 32, latent_side, latent_side) and torch.isfinite(latents).all()
 
 
-def test_shipped_latent_model_samples_faces_with_taef2_attached():
+@pytest.mark.parametrize("name,latent_side,image_side", SHIPPED_LATENT)
+def test_shipped_latent_model_samples_faces_with_taef2_attached(name, latent_side, image_side):
     from latent_dmmd import DMMDPipeline
     from latent_dmmd.autoencoders import load_taef2
 
@@ -143,11 +153,11 @@ def test_shipped_latent_model_samples_faces_with_taef2_attached():
 
     if not os.path.isdir(TAEF2_DIR):
         pytest.skip(f"TAEF2 weights not found at {TAEF2_DIR}")
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "celebahq-taef2-64-dmmd")
-    pipe = DMMDPipeline.from_pretrained(folder, vae=load_taef2(TAEF2_DIR))
+    pipe = DMMDPipeline.from_pretrained(shipped(name), vae=load_taef2(TAEF2_DIR))
     images = pipe(num_images=2, num_inference_steps=10, flow_steps_per_level=1, output_type="pt",
                   generator=torch.Generator().manual_seed(0)).images  # fmt: skip
-    assert images.shape == (2, 3, 64, 64) and 0 <= images.min() and images.max() <= 1 and images.std() > 0.05
+    assert images.shape == (2, 3, image_side, image_side)
+    assert 0 <= images.min() and images.max() <= 1 and images.std() > 0.05
 
 
 # ---------------------------------------------------------------------------- what a diffusers user expects
@@ -231,7 +241,7 @@ def test_cli_samples_and_evaluates_the_celeba_model_with_vae(tmp_path, capfd):
         inception_path()
     except ImportError as err:
         pytest.skip(str(err))
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "celebahq-taef2-64-dmmd")
+    folder = shipped("celebahq-taef2-64-dmmd")
     assert main(["sample", folder, "--vae", TAEF2_DIR, "--num_images", "2", "--flow_steps_per_level", "1",
                  "--output_dir", str(tmp_path)]) == 0  # fmt: skip
     from PIL import Image
