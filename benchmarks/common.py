@@ -145,12 +145,10 @@ def latent64_discriminator(seed: int = 0):
 
 
 def latent256_cpu_discriminator(seed: int = 0):
-    """The discriminator of configs/celebahq_taef2_256_cpu.yaml (32 x 32 x 32 TAEF2 latents)."""
+    """The discriminator of configs/celebahq_taef2_256_cpu.yaml (32 x 32 x 32 TAEF2 latents), built from that file."""
     from latent_dmmd import DMMDDiscriminator
+    from latent_dmmd.training.config import load_config
 
-    torch.manual_seed(seed)
-    return DMMDDiscriminator(
-        sample_size=32, in_channels=32, block_out_channels=(32, 64, 128), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), attention_head_dim=32, norm_num_groups=16,
-    ).requires_grad_(False)  # fmt: skip
+    config = load_config(["--config", os.path.join(os.path.dirname(RESULTS), "..", "configs", "celebahq_taef2_256_cpu.yaml")])
+    torch.manual_seed(seed)  # TAEF2: 32 latent channels, 8x downsampling
+    return DMMDDiscriminator(sample_size=config.resolution // 8, in_channels=32, **config.model_kwargs()).requires_grad_(False)

@@ -103,9 +103,10 @@ def baseline_points(folder, nfes, args, metric, stats_data=None):
                 gens = [torch.Generator().manual_seed(args.seed + first + i) for i in range(k)]
                 chunks.append(to_uint8(((sample_baseline(unet, sched, k, n, gens, vae) + 1) / 2).clamp(0, 1)))
             seconds = time.perf_counter() - start
-            save_sample_grid(torch.cat(chunks), args.name, f"{kind}_nfe{n}", args.save_grid)
+            images = torch.cat(chunks)
+            save_sample_grid(images, args.name, f"{kind}_nfe{n}", args.save_grid)
             metric.reset_fake()
-            metric.update(torch.cat(chunks), real=False)
+            metric.update(images, real=False)
             rows.append({"method": kind, "nfe": n, "forward_equivalents": n, "clip_sample_range": clip,
                          "timestep_spacing": args.timestep_spacing,
                          "seconds_per_image": seconds / args.num_samples, **metric.compute()})  # fmt: skip
