@@ -96,9 +96,12 @@ def to_uint8(images) -> torch.Tensor:
 
 
 class _Precomputed(nn.Module):
-    """Identity 'extractor': lets FID and KID share one Inception pass per batch."""
+    """Identity 'extractor': lets FID and KID share one feature pass per batch (Inception's 2048
+    features, or any other extractor's ``num_features``)."""
 
-    num_features = 2048
+    def __init__(self, num_features: int = 2048):
+        super().__init__()
+        self.num_features = num_features
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return features
@@ -131,7 +134,7 @@ class FIDKID:
     features, and precision/recall (``precision_recall``) read the features KID keeps.
     """
 
-    def __init__(self, kid_subset_size: int = 100, extractor: nn.Module | int | None = None):
+    def __init__(self, kid_subset_size: int = 100, extractor: nn.Module | int | None = None, num_features: int = 2048):
         from torchmetrics.image.fid import FrechetInceptionDistance
         from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -139,7 +142,7 @@ class FIDKID:
         if isinstance(extractor, int):  # torchmetrics' own extractor: let each metric run it
             self.extract, feature = None, extractor
         else:
-            self.extract, feature = extractor, _Precomputed()
+            self.extract, feature = extractor, _Precomputed(num_features)
         self.fid = FrechetInceptionDistance(feature=feature, reset_real_features=False)
         self.kid = KernelInceptionDistance(feature=feature, subset_size=kid_subset_size, reset_real_features=False)
         self.kid_subset_size = kid_subset_size

@@ -8,6 +8,7 @@ the sampler behind every reported number.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,10 +19,12 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..calibration import calibrated_step_size
+
 _CHOICES = {
     "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
     "timestep_spacing": ("linear", "log_snr"),
-    "step_size_schedule": ("constant", "sigma2", "rms", "level"),
+    "step_size_schedule": ("constant", "sigma2", "rms", "level", "calibrated"),
     "particle_mean": ("ensemble", "forward_marginal"),
     "reference": ("cached", "data"),
     "train_timestep_sampling": ("uniform", "log_snr", "grid"),
@@ -48,6 +51,28 @@ def check_diffflow(noise_scale, noise_schedule, noise_window, noise_mode, score_
         raise ValueError("score_weight > 0 replaces witness drift by score drift: it needs noise_mode='score'")
     if score_weight == 1 and noise_scale == 0:
         raise ValueError("score_weight=1 with noise_scale=0 moves nothing: annealed Langevin needs noise_scale > 0")
+
+
+def _positive_number(name: str, value) -> float:
+    """``value`` as a float if it is a finite number > 0 (not a bool, not a string), else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_calibration(timesteps, step_sizes, flow_steps) -> None:
+    """Refuse a stored step-size calibration that cannot be read (method §5, "calibrated")."""
+    if timesteps is None or step_sizes is None or flow_steps is None:
+        raise ValueError(
+            "step_size_schedule='calibrated' needs calibrated_timesteps, calibrated_step_sizes and calibrated_flow_steps "
+            "(run latent_dmmd.calibration.calibrate_pipeline on training data, or `latent-dmmd calibrate`)"
+        )
+    if len(timesteps) != len(step_sizes) or not timesteps:
+        raise ValueError(f"calibrated_timesteps ({len(timesteps)}) and calibrated_step_sizes ({len(step_sizes)}) must be non-empty and of one length")
+    for k, eta in enumerate(step_sizes):
+        _positive_number(f"calibrated_step_sizes[{k}]", eta)
+    if isinstance(flow_steps, bool) or not isinstance(flow_steps, int) or flow_steps < 1:
+        raise ValueError(f"calibrated_flow_steps must be an integer >= 1, got {flow_steps!r}")
 
 
 def ornstein_uhlenbeck(z: torch.Tensor, xi: torch.Tensor, eta: float, g: float) -> torch.Tensor:
@@ -84,7 +109,12 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
         step_size_schedule: ``"constant"`` eta; ``"sigma2"`` eta·sigma_t²; ``"rms"`` the
             update normalised by the RMS of the witness gradient, times eta; ``"level"`` the same
             normalised update sized to the gap to the next level, eta·(sigma_k - sigma_{k+1}) / N_s
-            per step, so a level moves each particle about eta·sqrt(d)·(sigma_k - sigma_{k+1}).
+            per step, so a level moves each particle about eta·sqrt(d)·(sigma_k - sigma_{k+1});
+            ``"calibrated"`` per-level steps chosen on training data (``latent_dmmd.calibration``: each level's
+            steps land the particles closest to the next level's forward marginal), stored in
+            ``calibrated_timesteps`` / ``calibrated_step_sizes`` for ``calibrated_flow_steps`` steps per
+            level, log-linear in t between stored levels, times ``calibrated_flow_steps / N_s``; ``eta``
+            then multiplies them (1: as calibrated).
         particle_mean: ``"ensemble"`` or ``"forward_marginal"`` (§5).
         reference: ``"cached"`` statistics stored with the model, or ``"data"`` (exact).
         train_timestep_sampling: how training draws a level per group (§3):
@@ -147,6 +177,9 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
         final_denoise: str = "none",
         final_denoise_steps: int = 10,
         drift_scale: str = "rms",
+        calibrated_timesteps: list[int] | None = None,
+        calibrated_step_sizes: list[float] | None = None,
+        calibrated_flow_steps: int | None = None,
     ):
         for key, allowed in _CHOICES.items():
             value = locals()[key]
@@ -158,6 +191,9 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"need 0 <= t_min < t_max < num_train_timesteps, got t_min={t_min}, t_max={t_max}")
         if num_inference_steps < 1 or flow_steps_per_level < 1:
             raise ValueError("num_inference_steps and flow_steps_per_level must be >= 1")
+        _positive_number("step_size", step_size)  # from a folder, a YAML or a flag alike
+        if step_size_schedule == "calibrated":
+            check_calibration(calibrated_timesteps, calibrated_step_sizes, calibrated_flow_steps)
         check_diffflow(noise_scale, noise_schedule, noise_window, noise_mode, score_weight)
         if noise_injection < 0:
             raise ValueError(f"noise_injection must be >= 0, got {noise_injection}")
@@ -271,6 +307,10 @@ class DMMDScheduler(SchedulerMixin, ConfigMixin):
             nxt = int(self.timesteps[k + 1]) if k + 1 < len(self.timesteps) else 0
             gap = float(1 - self.alphas_cumprod[int(timestep)]) ** 0.5 - float(1 - self.alphas_cumprod[nxt]) ** 0.5
             return eta * gap / (flow_steps or self.config.flow_steps_per_level)
+        if self.config.step_size_schedule == "calibrated":
+            c = self.config
+            return eta * calibrated_step_size(int(timestep), c.calibrated_timesteps, c.calibrated_step_sizes,
+                                              c.calibrated_flow_steps, flow_steps or c.flow_steps_per_level)  # fmt: skip
         return eta
 
     def step_sizes(self, step_size: float | None = None, flow_steps: int | None = None) -> list[float]:
