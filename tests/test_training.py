@@ -88,6 +88,17 @@ def test_pixel_smoke_training_skips_corrupt_images_and_exports_a_pipeline(tmp_pa
     assert images.shape == (2, 8, 8, 3)
     card = (tmp_path / "out" / "pipeline" / "README.md").read_text()
     assert "pipeline_tag: unconditional-image-generation" in card and "DMMDPipeline.from_pretrained" in card
+    # the step rule left unset: a step size per level calibrated on training samples at export (issue 26)
+    c = pipe.scheduler.config
+    assert c.step_size_schedule == "calibrated" and c.calibrated_timesteps == pipe.scheduler.timesteps.tolist()
+    assert len(c.calibrated_step_sizes) == 3 and all(s > 0 for s in c.calibrated_step_sizes)
+    assert summary["step_size_calibration"]["samples"] == 16
+
+
+def test_an_explicit_step_rule_is_kept_at_export(tmp_path):
+    pipe = load(run(tmp_path, "--step_size_schedule", "constant", "--step_size", "0.3", steps=2))
+    assert pipe.scheduler.config.step_size_schedule == "constant" and pipe.scheduler.config.step_size == 0.3
+    assert pipe.scheduler.config.calibrated_step_sizes is None
 
 
 def test_corrupt_image_is_counted(tmp_path):

@@ -65,7 +65,8 @@ class TrainConfig:
     num_inference_steps: int | None = _f(None, "T: noise levels of the sampling grid (statistics are stored for it)")
     flow_steps_per_level: int | None = _f(None, "N_s: flow steps per level when sampling")
     step_size: float | None = _f(None, "flow step size eta")
-    step_size_schedule: str | None = _f(None, "constant, sigma2 or rms")
+    step_size_schedule: str | None = _f(None, "constant, sigma2, rms, level or calibrated (unset: calibrated at export "
+                                              "on --calibration_samples training samples)")
     t_min: int | None = _f(None, "lowest level of the sampling grid")
     timestep_spacing: str | None = _f(None, "sampling grid spacing: linear or log_snr")
     particle_mean: str | None = _f(None, "ensemble or forward_marginal")
@@ -140,6 +141,8 @@ class TrainConfig:
     # reference statistics
     reference_max_samples: int | None = _f(None, "data samples behind m_P and m_Pt (default: the whole training set)")
     reference_batch_size: int = _f(64, "batch size for the reference statistics")
+    calibration_samples: int = _f(512, "training samples whose flow calibrates a step size per level at export (method 5, "
+                                       "'calibrated'; used when --step_size_schedule is unset or calibrated; 0: off)")
     # sharing
     push_to_hub: bool = _f(False, "upload the final pipeline folder to the Hub")
     hub_model_id: str | None = _f(None, "Hub repo id for --push_to_hub")
@@ -216,6 +219,31 @@ class TrainConfig:
         for name in ("learning_rate", "lambda_gp", "lambda_l2"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.calibration_samples < 0:
+            raise ValueError(f"--calibration_samples must be >= 0, got {self.calibration_samples}")
+        self.validate_components()
+
+    def validate_components(self) -> None:
+        """Build the scheduler and check the discriminator's settings now, so a bad value (``t_min: 5000``,
+        ``step_size: -0.1``) is refused before a latent cache is encoded or a step is trained."""
+        from ..schedulers import DMMDScheduler
+
+        try:
+            DMMDScheduler(**self.scheduler_kwargs())
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"scheduler settings: {err}") from None
+        for name in ("layers_per_block", "attention_head_dim", "norm_num_groups", "pool_size", "projection_dim"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{name} must be an integer >= 1, got {value!r}")
+        if self.block_out_channels is not None:
+            if not self.block_out_channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 1
+                                                  for c in self.block_out_channels):  # fmt: skip
+                raise ValueError(f"--block_out_channels must be integers >= 1, got {self.block_out_channels!r}")
+            groups = self.norm_num_groups or 16  # DMMDDiscriminator's default
+            if any(c % groups for c in self.block_out_channels):
+                raise ValueError(f"--block_out_channels {self.block_out_channels} must be multiples of "
+                                 f"--norm_num_groups {groups}")  # fmt: skip
 
 
 def _parse_bool(text: str) -> bool:
@@ -235,6 +263,50 @@ def _field_type(f: dataclasses.Field):
     if text.startswith("float"):
         return float
     return str
+
+
+def _yaml_value(path: str, key: str, value, f: dataclasses.Field):
+    """A YAML value checked against its field's type: integers stay integers (``2.5`` steps is an error, not 3),
+    numbers are numbers (YAML 1.1 reads ``1e-4`` as a string: converted), lists are lists."""
+    text = str(f.type)
+    if value is None:
+        if "None" in text:
+            return None
+        raise ValueError(f"{path}: {key}: a value is required (it has no 'unset' meaning)")
+    if text.startswith("list"):
+        if not isinstance(value, list):
+            raise ValueError(f"{path}: {key}: expected a list (e.g. [{value}]), got {value!r}")
+        kind = int if "list[int]" in text else str
+        return [_yaml_scalar(path, f"{key}[{i}]", v, kind) for i, v in enumerate(value)]
+    return _yaml_scalar(path, key, value, _field_type(f))
+
+
+def _yaml_scalar(path: str, key: str, value, kind):
+    if kind is _parse_bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return _parse_bool(value)
+            except argparse.ArgumentTypeError:
+                pass
+        raise ValueError(f"{path}: {key}: expected true or false, got {value!r}")
+    if kind in (int, float):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value) if kind is float or any(c in value for c in ".eE") else int(value)
+            except ValueError:
+                raise ValueError(f"{path}: {key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{path}: {key}: expected a number, got {value!r}")
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"{path}: {key}: expected an integer, got {value!r}")
+            return int(value)
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{path}: {key}: expected text, got {value!r}")
+    return value
 
 
 def build_parser(prog: str | None = None, parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
@@ -279,14 +351,10 @@ def load_config(argv: list[str] | None = None, prog: str | None = None) -> Train
         known = {f.name for f in fields(TrainConfig)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown key(s) in {config_path}: {', '.join(unknown)}")
-        types = {f.name: _field_type(f) for f in fields(TrainConfig)}
-        for key, value in values.items():  # YAML 1.1 reads 1e-4 (no dot) as a string
-            if isinstance(value, str) and types[key] in (int, float, _parse_bool):
-                try:
-                    values[key] = types[key](value)
-                except (ValueError, argparse.ArgumentTypeError) as err:
-                    raise ValueError(f"{config_path}: {key}: expected a number, got {value!r}") from err
+            hints = [f"{k} (spell it {k.replace('-', '_')})" if k.replace("-", "_") in known else k for k in unknown]
+            raise ValueError(f"unknown key(s) in {config_path}: {', '.join(hints)}")
+        by_name = {f.name: f for f in fields(TrainConfig)}
+        values = {key: _yaml_value(config_path, key, value, by_name[key]) for key, value in values.items()}
     values.update(args)
     config = TrainConfig(**values)
     config.validate()

@@ -52,6 +52,24 @@ def distributed_reference_statistics(accelerator, model, dataset, scheduler, con
     )  # fmt: skip
 
 
+def calibration_data(dataset, config: TrainConfig, collate, device, vae=None) -> torch.Tensor:
+    """The first ``--calibration_samples`` clean training samples (latents in latent space), as the flow sees them."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.reference_batch_size, collate_fn=collate)
+    chunks, count = [], 0
+    for batch in loader:
+        for x0, _ in reference_batches(batch, config, device, vae):
+            chunks.append(x0.float())
+            count += x0.shape[0]
+        if count >= config.calibration_samples:
+            break
+    return torch.cat(chunks)[: config.calibration_samples]
+
+
+def wants_calibration(config: TrainConfig) -> bool:
+    """Whether the export calibrates the step sizes: the schedule is left unset (or asks for it) and samples are given."""
+    return config.objective == "mmd" and config.calibration_samples > 0 and config.step_size_schedule in (None, "calibrated")
+
+
 def export_baseline(accelerator, model, ema, scheduler, config: TrainConfig, run_info: dict) -> str:
     """Write ``<output_dir>/baseline``: the EMA epsilon UNet (``unet/``), the DDPM scheduler with
     the same betas (``scheduler/``) and, in latent space, the VAE (``vae/``)."""
@@ -95,6 +113,14 @@ def export_pipeline(accelerator, model, ema, scheduler, dataset, config: TrainCo
         if stats is not None:
             disc.set_reference_statistics(stats, vae=vae)
         pipe = DMMDPipeline(disc.to("cpu"), scheduler, vae=vae)
+        if stats is not None and wants_calibration(config):
+            from ..calibration import calibrate_pipeline
+
+            data = calibration_data(dataset, config, collate_skipping, accelerator.device, train_vae).cpu()
+            calibration = calibrate_pipeline(pipe, data, generator=torch.Generator().manual_seed(config.seed))
+            run_info = run_info | {"step_size_calibration": {"samples": int(data.shape[0]), "step_sizes": calibration.step_sizes}}
+            logger.info("calibrated step sizes per level on %d training samples: %s", data.shape[0],
+                        ", ".join(f"{s:.3g}" for s in calibration.step_sizes))  # fmt: skip
         from ..hub import write_model_card
 
         run_info = run_info | {"reference_count": stats.count if stats is not None else 0, "vae": vae_id}
