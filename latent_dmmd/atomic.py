@@ -75,9 +75,17 @@ def replace_folder(final: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.isdir(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
+    moved = False
+    try:
+        if os.path.isdir(final):
+            os.replace(final, old)
+            moved = True
+        os.replace(tmp, final)
+    except OSError:  # e.g. EBUSY on a mount point: put the previous folder back, leave nothing behind
+        if moved and not os.path.exists(final):
+            os.replace(old, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _fsync_dir(parent)
     shutil.rmtree(old, ignore_errors=True)
 

@@ -104,21 +104,67 @@ def _load_pipeline(model: str, vae: str | None = None):
         raise UserError(f"cannot load {model}: {str(err).splitlines()[0]}") from err
 
 
+SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def _sample_seeds(args: argparse.Namespace):
+    """The per-image seeds, checked before anything is loaded: counts first (a range, never a 10^9-entry list),
+    then the seed range (torch refuses seeds outside 64 bits), then duplicates (one file each)."""
+    if args.seeds and args.num_images != len(args.seeds) and args.num_images_given:
+        raise UserError(f"--num_images {args.num_images} does not match the {len(args.seeds)} --seeds")
+    seeds = args.seeds or range(args.seed, args.seed + args.num_images)
+    if args.grid and len(seeds) > MAX_GRID_IMAGES:
+        raise UserError(f"a grid of {len(seeds)} images is too large: pass --no_grid (one PNG per image, written as "
+                        f"each batch of --batch_size finishes) or at most {MAX_GRID_IMAGES} images")  # fmt: skip
+    lo, hi = (min(seeds), max(seeds)) if args.seeds else (seeds.start, seeds.stop - 1)
+    if lo < SEED_RANGE[0] or hi > SEED_RANGE[1]:
+        raise UserError(f"seeds must lie in [0, 2**64 - 1]; got {lo if lo < SEED_RANGE[0] else hi}")
+    if args.seeds and len(set(args.seeds)) != len(args.seeds):
+        twice = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+        raise UserError(f"--seeds repeats {', '.join(map(str, twice))}: each seed names one image file")
+    return seeds
+
+
+def _write_png(image, path: str, overwrite: bool) -> None:
+    """Write a PNG beside ``path`` and move it into place; without ``overwrite`` an existing file, including
+    one a concurrent run wrote meanwhile, is never replaced (the hard link fails instead)."""
+    from .atomic import write_file_atomically
+
+    if overwrite:
+        write_file_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    image.save(tmp, format="PNG")
+    try:
+        os.link(tmp, path)  # atomic, and refuses an existing name
+    except FileExistsError:
+        raise UserError(f"{path} exists (another run?): pass --overwrite, or another --output_dir") from None
+    finally:
+        os.remove(tmp)
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
-    if args.seeds and args.num_images != len(args.seeds) and args.num_images_given:
-        raise UserError(f"--num_images {args.num_images} does not match the {len(args.seeds)} --seeds")
-    seeds = args.seeds or [args.seed + i for i in range(args.num_images)]
+    seeds = _sample_seeds(args)
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise UserError(f"--output_dir {args.output_dir} is a file, not a folder")
-    os.makedirs(args.output_dir, exist_ok=True)
+    names = ["grid.png"] if args.grid else [f"seed{s}.png" for s in seeds] if len(seeds) <= 10_000 else []
+    existing = [n for n in names if os.path.exists(os.path.join(args.output_dir, n))]
+    if existing and not args.overwrite:
+        raise UserError(f"{os.path.join(args.output_dir, existing[0])} exists"
+                        f"{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}: pass --overwrite, or another --output_dir")  # fmt: skip
     if args.model is None:
         if not os.path.isdir(DEFAULT_MODEL):
             raise UserError(f"the shipped model is not at {DEFAULT_MODEL} (installed without the repository?): "
                             "pass a pipeline folder or Hub id")  # fmt: skip
         args.model = DEFAULT_MODEL
     pipe = _load_pipeline(args.model, args.vae)
+    if pipe.vae is None and pipe.discriminator.config.reference_vae is not None:
+        raise UserError(f"{args.model} flows in the latent space of a {pipe.discriminator.config.reference_vae['class']} "
+                        "autoencoder it does not contain: pass --vae (a TAEF2 folder such as ../shared/weights/taef2, "
+                        "a diffusers folder or a Hub id; the model card names it)")  # fmt: skip
     if args.score_model:
         from diffusers import UNet2DModel
 
@@ -130,28 +176,34 @@ def cmd_sample(args: argparse.Namespace) -> None:
     keys = ("num_inference_steps", "flow_steps_per_level", "step_size", "noise_scale", "noise_schedule", "noise_mode",
             "score_weight", "noise_injection", "final_denoise")  # fmt: skip
     call = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    if args.grid and len(seeds) > MAX_GRID_IMAGES:
-        raise UserError(f"a grid of {len(seeds)} images is too large: pass --no_grid (one PNG per image, written as "
-                        f"each batch of --batch_size finishes) or at most {MAX_GRID_IMAGES} images")  # fmt: skip
     start = time.perf_counter()
     grid_images, written = [], []
-    # batches of --batch_size bound the memory for any --num_images; particles interact within a batch only
-    for first in range(0, len(seeds), args.batch_size):
-        chunk = seeds[first : first + args.batch_size]
-        images = pipe(num_images=len(chunk), generator=[torch.Generator().manual_seed(s) for s in chunk], **call).images
-        if args.grid:
-            grid_images += images
-            continue
-        for seed, image in zip(chunk, images):
-            path = os.path.join(args.output_dir, f"seed{seed}.png")
-            image.save(path)
-            written.append(path)
+    try:
+        # batches of --batch_size bound the memory for any --num_images; particles interact within a batch only
+        for first in range(0, len(seeds), args.batch_size):
+            chunk = seeds[first : first + args.batch_size]
+            images = pipe(num_images=len(chunk), generator=[torch.Generator().manual_seed(s) for s in chunk], **call).images
+            if args.grid:
+                grid_images += images
+                continue
+            os.makedirs(args.output_dir, exist_ok=True)
+            for seed, image in zip(chunk, images):
+                path = os.path.join(args.output_dir, f"seed{seed}.png")
+                _write_png(image, path, args.overwrite)
+                written.append(path)
+    except KeyboardInterrupt:
+        done = f": {', '.join(written)}" if 0 < len(written) <= 10 else f" in {args.output_dir}" if written else ""
+        print(f"latent-dmmd sample: interrupted; {len(written)} of {len(seeds)} images written{done}", file=sys.stderr)
+        raise SystemExit(130) from None
     seconds = time.perf_counter() - start
     if args.grid:
-        from .evaluation import save_grid, to_uint8
+        from PIL import Image
 
+        from .evaluation import image_grid, to_uint8
+
+        os.makedirs(args.output_dir, exist_ok=True)
         path = os.path.join(args.output_dir, "grid.png")
-        save_grid(to_uint8(grid_images), path, nrow=args.nrow)
+        _write_png(Image.fromarray(image_grid(to_uint8(grid_images), nrow=args.nrow)), path, args.overwrite)
         written = [path]
     print(f"{len(seeds)} images in {seconds:.1f} s -> {', '.join(written) if len(written) < 4 else args.output_dir}")
 
@@ -319,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--output-dir", default="samples", help="folder for the PNG(s)")
     sample.add_argument("--no-grid", dest="grid", action="store_false", help="one PNG per image instead of a grid")
     sample.add_argument("--nrow", type=_positive_int, default=8, help="images per grid row")
+    sample.add_argument("--overwrite", action="store_true",
+                        help="replace PNGs already in --output_dir (without it an existing file is never replaced)")  # fmt: skip
     sample.add_argument("--batch_size", type=_positive_int, default=64,
                         help="images flowed together; more are made batch by batch, so memory stays bounded (under "
                              "particle_mean='ensemble' images interact within their batch only)")  # fmt: skip

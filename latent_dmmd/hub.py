@@ -297,6 +297,51 @@ def benchmark_metrics(pipe, benchmark: str, path: str, resolution: int, model: s
     write_metrics(path, {k: row[k] for k in keys if k in row}, protocol)
 
 
+# what a model folder written by ``ship_run`` may hold at its top level: anything else in an existing
+# destination is somebody's data, and the folder is then refused rather than replaced
+MODEL_FOLDER_ENTRIES = frozenset({"model_index.json", "discriminator", "scheduler", "vae", "score_model", "generator",
+                                  "README.md", "samples.png", "checksums.json", "pipeline.py", "metrics.json"})  # fmt: skip
+
+
+def check_ship_destination(run: str, dest: str) -> None:
+    """Refuse a destination that would swallow a run: the run itself, a folder inside it or above it, or an
+    existing folder that is not a model folder this command wrote (issue 28: ``card RUN --from-run RUN``
+    deleted the run's checkpoints and cache)."""
+    run_real, dest_real = os.path.realpath(run), os.path.realpath(dest)
+    inside = lambda a, b: a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+    if inside(dest_real, run_real):
+        raise ValueError(f"the model folder {dest} is the run {run} or lies inside it: write the model to a new folder")
+    if inside(run_real, dest_real):
+        raise ValueError(f"the model folder {dest} contains the run {run}: replacing it would delete the run; "
+                         "write the model to a new folder")  # fmt: skip
+    if os.path.lexists(dest):
+        if not os.path.isdir(dest) or os.path.islink(dest):
+            raise ValueError(f"{dest} exists and is not a folder: choose a new model folder")
+        entries = set(os.listdir(dest))
+        foreign = sorted(entries - MODEL_FOLDER_ENTRIES)
+        if "model_index.json" not in entries or foreign:
+            what = f"it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}" if foreign else "it has no model_index.json"
+            raise ValueError(f"{dest} exists and is not a model folder written by `card --from-run` ({what}); "
+                             "it is left as it is: choose a new folder, or empty it yourself")  # fmt: skip
+
+
+def trained_config(run: str) -> dict:
+    """The configuration the run's weights were trained with: the newest complete checkpoint's
+    ``training_config.json`` (what the resume check compared), else the run's ``config.yaml``."""
+    import yaml
+
+    from .atomic import incomplete_files
+    from .training.checkpoints import CHECKPOINT_CONFIG, list_checkpoints
+
+    for _, path in reversed(list_checkpoints(run)):
+        recorded = os.path.join(path, CHECKPOINT_CONFIG)
+        if os.path.isfile(recorded) and not incomplete_files(path):
+            with open(recorded) as f:
+                return json.load(f)
+    with open(os.path.join(run, "config.yaml")) as f:
+        return yaml.safe_load(f)
+
+
 def ship_run(run: str, dest: str, *, drop_vae: bool = False, sample_grid: bool = False, metrics_file: str | None = None,
              benchmark: str | None = None, benchmark_model: str | None = None, **card) -> str:  # fmt: skip
     """Turn a training run (``pipeline/``, ``config.yaml``, ``training_summary.json``) into a model
@@ -311,7 +356,6 @@ def ship_run(run: str, dest: str, *, drop_vae: bool = False, sample_grid: bool =
     import tempfile
 
     import torch
-    import yaml
 
     from .atomic import replace_folder
     from .evaluation import output_resolution, save_grid
@@ -320,6 +364,7 @@ def ship_run(run: str, dest: str, *, drop_vae: bool = False, sample_grid: bool =
     for name in ("pipeline/model_index.json", "config.yaml", "training_summary.json"):
         if not os.path.isfile(os.path.join(run, name)):
             raise ValueError(f"{run} is not a finished training run: no {name}")
+    check_ship_destination(run, dest)
     pipe = DMMDPipeline.from_pretrained(os.path.join(run, "pipeline"))
     resolution = output_resolution(pipe)
     disc = pipe.discriminator
@@ -328,8 +373,7 @@ def ship_run(run: str, dest: str, *, drop_vae: bool = False, sample_grid: bool =
         disc.register_to_config(reference_fingerprint_fp16=disc.weights_fingerprint(via=torch.float16))
     if drop_vae:
         pipe = DMMDPipeline(discriminator=disc, scheduler=pipe.scheduler)
-    with open(os.path.join(run, "config.yaml")) as f:
-        config = yaml.safe_load(f)
+    config = trained_config(run)
     with open(os.path.join(run, "training_summary.json")) as f:
         info = json.load(f)
     with replace_folder(dest) as tmp, tempfile.TemporaryDirectory() as scratch:

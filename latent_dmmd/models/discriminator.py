@@ -102,6 +102,10 @@ class DMMDDiscriminator(ModelMixin, ConfigMixin):
         rff_seed: int = 0,
     ):
         super().__init__()
+        for name, value in (("sample_size", sample_size), ("in_channels", in_channels), ("layers_per_block", layers_per_block),
+                            ("norm_num_groups", norm_num_groups), ("rff_features", rff_features)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if kernel not in ("linear", "rff_gaussian"):
             raise ValueError(f"kernel={kernel!r} is not supported; choose 'linear' or 'rff_gaussian'")
         if kernel != "linear" and objective != "mmd":

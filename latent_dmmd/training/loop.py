@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> str | None:
         if accelerator.is_main_process:
             lock.acquire()  # a second run into this folder is refused while this one lives
             claim_output_dir(config)
+            _, resume_path = resolve_resume(config)
+            if resume_path:  # a refused resume must not rewrite the run's record (issue 28)
+                check_resume_config(resume_path, config)
             with open(os.path.join(config.output_dir, "config.yaml"), "w") as f:
                 f.write(resolved_yaml(config))
         return _train(config, accelerator, report_to)
