@@ -105,7 +105,9 @@ def load_taef2(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
         raise FileNotFoundError(f"TAEF2 weights not found in {folder}: missing {', '.join(missing)}")
     vae = TAEF2()
     vae.load_state_dict(taef2_state_dict(folder), strict=True)
-    return vae.to(dtype).eval().requires_grad_(False)
+    if dtype != torch.float32:  # ModelMixin.to(dtype) warns about an empty list of fp32 modules on every load
+        vae = vae.type(dtype)
+    return vae.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------- any diffusers VAE

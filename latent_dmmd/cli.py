@@ -241,12 +241,20 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> None:
 
 
 def cmd_cache(args: argparse.Namespace, rest: list[str]) -> None:
+    if "-h" in rest or "--help" in rest:
+        from .training import build_parser as training_parser
+
+        training_parser(prog="latent-dmmd cache-latents").print_help()
+        return
     from .training import cache_main
 
     cache_main(rest, prog="latent-dmmd cache-latents")
 
 
 def cmd_evaluate(args: argparse.Namespace, rest: list[str]) -> None:
+    from .evaluation_args import evaluate_parser
+
+    evaluate_parser("latent-dmmd evaluate").parse_args(rest)  # --help and flag errors before torch is imported
     from .evaluation import evaluate_main
 
     record = evaluate_main(rest, prog="latent-dmmd evaluate")
@@ -263,7 +271,14 @@ def cmd_push(args: argparse.Namespace) -> None:
     if not os.path.isdir(args.folder):
         raise UserError(f"pipeline folder not found: {args.folder}")
     token = os.environ.get(args.token_env) if args.token_env else None
-    files = push_pipeline_folder(args.folder, args.repo_id, private=args.private, revision=args.revision, token=token)
+    try:
+        files = push_pipeline_folder(args.folder, args.repo_id, private=args.private, revision=args.revision, token=token)
+    except Exception as err:  # the Hub client's and httpx's errors: one line, not 70 lines of traceback
+        if isinstance(err, (UserError, ValueError)):
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"could not upload to {args.repo_id} ({type(err).__name__}: {first}); check the network, "
+                        "HF_HUB_OFFLINE and your login (huggingface-cli login)") from None
     print(f"uploaded {len(files)} files to {args.repo_id}{'@' + args.revision if args.revision else ''}")
 
 

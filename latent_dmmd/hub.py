@@ -135,6 +135,23 @@ def _previous_card(path: str) -> dict:
     return state
 
 
+def read_metrics_file(path: str) -> dict:
+    """A ``metrics.json`` of ``latent-dmmd evaluate``, checked: a list, ``{}`` or a record without FID and KID is
+    one clear error, not a KeyError in the card's template."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON ({err.msg}, line {err.lineno})") from None
+    metrics = record.get("metrics") if isinstance(record, dict) else None
+    if not isinstance(metrics, dict) or not isinstance(record.get("protocol"), dict):
+        raise ValueError(f"{path} is not a metrics.json of `latent-dmmd evaluate`: it needs 'metrics' and 'protocol' objects")
+    missing = [k for k in ("fid", "kid", "kid_std") if not isinstance(metrics.get(k), (int, float))]
+    if missing:
+        raise ValueError(f"{path}: metrics lacks the numbers {', '.join(missing)}")
+    return record
+
+
 def write_model_card(
     folder: str,
     config=None,
@@ -183,8 +200,7 @@ def write_model_card(
 
     metrics, protocol, eval_results = {}, "", None
     if metrics_file:
-        with open(metrics_file) as f:
-            record = json.load(f)
+        record = read_metrics_file(metrics_file)
         m, proto = record["metrics"], record["protocol"]
         metrics = {"FID": f"{m['fid']:.2f}", "KID": f"{m['kid']:.4f} ± {m['kid_std']:.4f}",
                    "generated / reference images": f"{m['num_fake']} / {m['num_real']}"}  # fmt: skip

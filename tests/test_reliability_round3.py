@@ -231,3 +231,114 @@ def test_interrupting_sample_lists_the_images_written(tmp_path, model, capsys, m
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "interrupted; 2 of 4 images written" in err and "seed0.png" in err and "seed1.png" in err
     assert sorted(os.listdir(tmp_path / "s")) == ["seed0.png", "seed1.png"]
+
+
+@pytest.fixture
+def references(tmp_path):
+    from .conftest import write_image_folder
+
+    write_image_folder(tmp_path / "refs", n=6, size=8)
+    return str(tmp_path / "refs")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--step_size", "0"], "must be a finite number > 0, got 0.0"),  # #5: 0 read as 'the default'
+        (["--num_inference_steps", "0"], "steps: must be >= 1, got 0"),
+        (["--reference_count", "-1"], "count: must be >= 2, got -1"),  # silently dropped an image
+        (["--num_samples", "0"], "samples: must be >= 2, got 0"),  # cryptic error
+        (["--batch_size", "0"], "size: must be >= 1, got 0"),
+        (["--reference_first_index", "100"], "past the end of the reference set (6 images"),  # only after sampling
+        (["--reference_first_index", "5"], "1 reference images: FID and KID need at least 2"),  # #6: traceback
+        (["--num_inference_steps", "7"], "num_inference_steps"),  # a grid without statistics, before sampling
+    ],
+)
+def test_evaluate_checks_its_arguments_before_any_work(tmp_path, model, references, capsys, monkeypatch, argv, message):
+    import latent_dmmd.evaluation as ev
+
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: pytest.fail("sampled before the arguments were checked"))
+    out = str(tmp_path / "metrics.json")
+    assert cli(["evaluate", model, "--reference", references, "--output", out, *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in err
+    assert not os.path.exists(out)
+
+
+def test_evaluate_warns_below_the_protocol_before_sampling(tmp_path, model, references, capsys, monkeypatch):
+    """#6: 4-7 reference images printed 'FID 190.68' with no warning."""
+    import latent_dmmd.evaluation as ev
+
+    def stop(*a, **k):
+        assert "below the protocol's 2,000" in capsys.readouterr().err  # said before any sampling
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "generate", stop)
+    with pytest.raises(KeyboardInterrupt):
+        cli(["evaluate", model, "--reference", references, "--num_samples", "4", "--output", str(tmp_path / "m.json")])
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{}", '{"metrics": {"fid": 3.0}, "protocol": {}}', "not json"])
+def test_card_metrics_that_are_not_a_metrics_file_are_one_line(tmp_path, model, capsys, content):
+    """Round 3 #9: `card --metrics` given a list or {} raised TypeError/KeyError."""
+    bad = tmp_path / "m.json"
+    bad.write_text(content)
+    before = (tmp_path / "m" / "README.md").exists()
+    assert cli(["card", model, "--metrics", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "m.json" in err
+    assert (tmp_path / "m" / "README.md").exists() == before
+
+
+def test_push_without_a_network_is_one_line(model, capsys, monkeypatch):
+    """Round 3 #9: push with no network and offline mode off printed a 71-line httpx traceback."""
+    httpx = pytest.importorskip("httpx2", reason="the Hub client's HTTP library (httpx2 in huggingface_hub 2.x)")
+    from huggingface_hub import HfApi
+
+    def unreachable(self, *a, **k):
+        raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(HfApi, "create_repo", unreachable)
+    assert cli(["push", model, "me/model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ConnectError" in err and "check the network" in err
+
+
+@pytest.mark.parametrize("command", ["", "sample", "demo", "evaluate", "train", "cache-latents", "push", "card"])
+def test_help_never_imports_torch(command):
+    """Friction: every --help took ~5.5 s because torch and diffusers were imported before argparse."""
+    import subprocess
+    import sys
+
+    argv = [command, "--help"] if command else ["--help"]
+    code = (f"import sys\nfrom latent_dmmd.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-500:]
+
+
+def test_plain_diffusers_finds_the_pipeline_when_the_package_was_imported_first(tmp_path):
+    """The lazy package keeps the documented promise: `import latent_dmmd`, then diffusers, then
+    DiffusionPipeline.from_pretrained(folder) returns a DMMDPipeline (fresh interpreter, import order as written)."""
+    import subprocess
+    import sys
+
+    tiny_pipeline().save_pretrained(tmp_path / "m")
+    code = ("import latent_dmmd, sys\nassert 'torch' not in sys.modules\n"
+            "from diffusers import DiffusionPipeline\n"
+            f"p = DiffusionPipeline.from_pretrained({str(tmp_path / 'm')!r})\nprint(type(p).__name__)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "DMMDPipeline", out.stderr[-800:]
+
+
+def test_loading_taef2_prints_no_empty_fp32_warning(capfd):
+    from .conftest import TAEF2_DIR
+
+    if not os.path.isfile(os.path.join(TAEF2_DIR, "taef2_encoder.safetensors")):
+        pytest.skip(f"TAEF2 weights not in {TAEF2_DIR}")
+    from latent_dmmd.autoencoders import load_taef2
+
+    load_taef2(TAEF2_DIR)
+    captured = capfd.readouterr()
+    assert "should be kept in float32: []" not in captured.out + captured.err

@@ -46,7 +46,7 @@ def load(folder):
 
 def test_config_file_overrides_and_errors(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("train_data_dir: x\nlearning_rate: 0.5\nblock_out_channels: [4, 8]\n")
+    cfg.write_text("train_data_dir: x\nlearning_rate: 0.5\nblock_out_channels: [4, 8]\nnorm_num_groups: 4\n")
     config = load_config(["--config", str(cfg), "--learning_rate", "0.25"])
     assert config.learning_rate == 0.25 and config.block_out_channels == [4, 8]
     cfg.write_text("train_data_dir: x\nlearning_rte: 0.5\n")

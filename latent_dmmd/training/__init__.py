@@ -10,25 +10,53 @@ own module:
 - ``monitor``: held-out MMD² per level and validation grids;
 - ``export``: reference statistics and the exported pipeline / baseline folders;
 - ``loop``: ``main``, the run from the flags to the exported folder.
+
+Names load on first use (PEP 562).
 """
 
-from .checkpoints import (
-    CHECKPOINT_CONFIG,
-    CHECKPOINT_RE,
-    MODEL_FIELDS,
-    apply_optimizer_settings,
-    check_resume_config,
-    claim_output_dir,
-    list_checkpoints,
-    resolve_resume,
-    save_checkpoint,
-)
-from .config import TrainConfig, build_parser, load_config, resolved_yaml
-from .export import distributed_reference_statistics, export_baseline, export_pipeline
-from .latents import cache_main, image_dataset, prepare_latents
-from .loop import build_models, check_distributed_type, main
-from .monitor import heldout_samples, level_mmd, log_level_mmd, validate
-from .step import dmmd_step_loss, reference_batches, training_batch
+_WHERE = {
+    "CHECKPOINT_CONFIG": "checkpoints",
+    "CHECKPOINT_RE": "checkpoints",
+    "MODEL_FIELDS": "checkpoints",
+    "TrainConfig": "config",
+    "apply_optimizer_settings": "checkpoints",
+    "build_models": "loop",
+    "build_parser": "config",
+    "cache_main": "latents",
+    "check_distributed_type": "loop",
+    "check_resume_config": "checkpoints",
+    "claim_output_dir": "checkpoints",
+    "distributed_reference_statistics": "export",
+    "dmmd_step_loss": "step",
+    "export_baseline": "export",
+    "export_pipeline": "export",
+    "heldout_samples": "monitor",
+    "image_dataset": "latents",
+    "level_mmd": "monitor",
+    "list_checkpoints": "checkpoints",
+    "load_config": "config",
+    "log_level_mmd": "monitor",
+    "main": "loop",
+    "prepare_latents": "latents",
+    "reference_batches": "step",
+    "resolve_resume": "checkpoints",
+    "resolved_yaml": "config",
+    "save_checkpoint": "checkpoints",
+    "training_batch": "step",
+    "validate": "monitor",
+}
+
+
+def __getattr__(name: str):
+    """Load a name's module on first use: ``latent-dmmd train --help`` then needs no torch."""
+    import importlib
+
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CHECKPOINT_CONFIG",

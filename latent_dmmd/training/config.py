@@ -9,7 +9,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
-import torch
 import yaml
 
 
@@ -176,6 +175,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Refuse inconsistent settings before any work is done."""
+        import torch
+
         if self.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ValueError("--mixed_precision fp16 needs a CUDA GPU; on this machine use bf16 or no")
         if self.method not in ("dmmd", "ddpm"):
