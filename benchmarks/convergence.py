@@ -379,6 +379,7 @@ def run(args):
                 raise SystemExit(f"unknown arm {arm!r}; choose from {sorted(ARMS)}")
             steps_at = geometric_steps(args.first_step, args.max_steps)
             checkpoints = train("dmmd", data, seed, set(steps_at), args, arm=arm, budget_seconds=args.budget_seconds)
+            save_final(args, f"{args.data}_dmmd_{arm}_seed{seed}", checkpoints[-1])
             for i, ck in enumerate(checkpoints):
                 model = load("dmmd", data, ck["state"], arm)
                 x, secs, info = dmmd_sample(model, data, args.num_samples, seed, args)
@@ -391,7 +392,9 @@ def run(args):
                 print({k: row[k] for k in ("method", "arm", "seed", "step", "fd", "precision", "recall", "coverage")}, flush=True)
         if args.ddpm_max_steps:
             steps_at = geometric_steps(args.first_step, args.ddpm_max_steps)
-            for ck in train("ddpm", data, seed, set(steps_at), args):
+            checkpoints = train("ddpm", data, seed, set(steps_at), args)
+            save_final(args, f"{args.data}_ddpm_seed{seed}", checkpoints[-1])
+            for ck in checkpoints:
                 model = load("ddpm", data, ck["state"])
                 for kind, nfe in (("ddim", 20), ("ddim", 100), ("ddpm", 100)):
                     x, secs = diffusion_sample(model, data, args.num_samples, seed, nfe, kind)
@@ -400,6 +403,18 @@ def run(args):
                     add(row)
                 print({k: row[k] for k in ("method", "seed", "step", "fd", "precision", "recall")}, flush=True)
     plot(record, name)
+
+
+def save_final(args, name: str, checkpoint: dict) -> None:
+    """The last EMA weights as safetensors (``--save_dir``), so later work (step rules, one-step generators)
+    can start from the converged models instead of training them again."""
+    if not args.save_dir:
+        return
+    from safetensors.torch import save_file
+
+    os.makedirs(args.save_dir, exist_ok=True)
+    meta = {"step": str(checkpoint["step"]), "train_seconds": f"{checkpoint['train_seconds']:.1f}"}
+    save_file({k: v.contiguous() for k, v in checkpoint["state"].items()}, os.path.join(args.save_dir, name + ".safetensors"), meta)
 
 
 def sweep(model, data, seed, args, scorer, calibrated):
@@ -487,6 +502,8 @@ def main(argv=None):
     p.add_argument("--sweep", type=float, nargs="*", default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
                    help="constant step sizes swept at the last checkpoint")  # fmt: skip
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--save_dir", default=os.path.join(os.path.dirname(RESULTS), "..", "runs", "convergence"),
+                   help="where the last EMA weights of every run go ('' to keep none)")  # fmt: skip
     p.add_argument("--name", default=None)
     p.add_argument("--fresh", action="store_true", help="start a new JSON instead of appending rows")
     p.add_argument("--plot_only", action="store_true")
