@@ -479,6 +479,72 @@ def plot(record, name):
     save_figure(fig, os.path.join(RESULTS, name + ".png"))
 
 
+# --------------------------------------------------------------------------- markdown report
+
+
+def _stats(values):
+    values = [v for v in values if v == v]  # drop NaN
+    if not values:
+        return "NaN"
+    mean = sum(values) / len(values)
+    return f"{mean:.3g}" if len(values) == 1 else f"{mean:.3g} ({min(values):.3g}–{max(values):.3g})"
+
+
+def _best_diffusion(rows, seed, step):
+    """The better of DDIM NFE 20 and 100 at one seed and step (the issue's comparison)."""
+    cands = [r for r in rows if r["method"] == "ddim" and r["seed"] == seed and r["step"] == step]
+    return min(cands, key=lambda r: r["fd"]) if cands else None
+
+
+def report(record) -> str:
+    """Markdown tables: equal steps, equal training seconds, the step rule against a sweep (with the cliff)."""
+    rows, out = record["rows"], []
+    floor = record.get("floor", {})
+    dmmd = [r for r in rows if r["method"] == "dmmd" and r.get("arm", "gp") == "gp"]
+    seeds = sorted({r["seed"] for r in dmmd})
+    out.append(f"Floor (held-out real data): FD {floor.get('fd', float('nan')):.3g}, precision "
+               f"{floor.get('precision', float('nan')):.2f}, recall {floor.get('recall', float('nan')):.2f}. "
+               f"Seeds {seeds}; cells: mean (min–max over seeds).\n")  # fmt: skip
+    out.append("| steps | DMMD FD | DMMD P / R | best DDIM (NFE 20/100) FD | DDIM P / R | DDPM-100 FD | DMMD / DDIM |")
+    out.append("| --- | --- | --- | --- | --- | --- | --- |")
+    for step in sorted({r["step"] for r in rows}):
+        here = [r for r in dmmd if r["step"] == step]
+        best = [b for b in (_best_diffusion(rows, r["seed"], step) for r in here) if b] or \
+            [b for b in (_best_diffusion(rows, s, step) for s in seeds) if b]  # fmt: skip
+        ddpm = [r for r in rows if r["method"] == "ddpm" and r["step"] == step]
+        ratio = [a["fd"] / b["fd"] for a in here for b in best if a["seed"] == b["seed"]]
+        out.append(f"| {step:,} | {_stats([r['fd'] for r in here]) if here else '—'} | "
+                   f"{_stats([r['precision'] for r in here]) if here else '—'} / {_stats([r['recall'] for r in here]) if here else '—'} | "
+                   f"{_stats([b['fd'] for b in best]) if best else '—'} | "
+                   f"{_stats([b['precision'] for b in best]) if best else '—'} / {_stats([b['recall'] for b in best]) if best else '—'} | "
+                   f"{_stats([r['fd'] for r in ddpm]) if ddpm else '—'} | {_stats(ratio) if ratio else '—'} |")  # fmt: skip
+    out.append("\nEqual training seconds (DMMD's last checkpoint against the diffusion checkpoint nearest in seconds, same seed):\n")
+    out.append("| seed | DMMD steps / s | FD | DDPM steps / s | best DDIM FD | ratio |")
+    out.append("| --- | --- | --- | --- | --- | --- |")
+    for seed in seeds:
+        last = max((r for r in dmmd if r["seed"] == seed), key=lambda r: r["step"])
+        diff = [r for r in rows if r["method"] == "ddim" and r["seed"] == seed]
+        if not diff:
+            continue
+        near = min(diff, key=lambda r: abs(math.log(r["train_seconds"] / last["train_seconds"])))
+        best = _best_diffusion(rows, seed, near["step"])
+        out.append(f"| {seed} | {last['step']:,} / {last['train_seconds']:.0f} | {last['fd']:.3g} | "
+                   f"{near['step']:,} / {near['train_seconds']:.0f} | {best['fd']:.3g} | {last['fd'] / best['fd']:.2f} |")  # fmt: skip
+    out.append("\nStep rule at the last checkpoint (FD; the sweep is constant eta, the cliff is the calibrated steps × 1/3 and × 3):\n")
+    out.append("| seed | calibrated | best constant (eta) | calibrated / best | × 1/3 | × 3 | constant sweep |")
+    out.append("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in dmmd:
+        if not r.get("sweep"):
+            continue
+        const = [s for s in r["sweep"] if s["rule"] == "constant"]
+        best = min((s for s in const if s["fd"] == s["fd"]), key=lambda s: s["fd"])
+        f = {round(s["factor"], 3): s["fd"] for s in r["sweep"] if s["rule"] == "calibrated"}
+        sweep = ", ".join(f"{s['eta']:g}: {s['fd']:.3g}" for s in const)
+        out.append(f"| {r['seed']} | {r['fd']:.3g} | {best['fd']:.3g} ({best['eta']:g}) | {r['fd'] / best['fd']:.2f} | "
+                   f"{f.get(0.333, float('nan')):.3g} | {f.get(3.0, float('nan')):.3g} | {sweep} |")  # fmt: skip
+    return "\n".join(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", choices=("digits", "gaussians8", "checkerboard"), default="digits")
@@ -499,7 +565,7 @@ def main(argv=None):
     p.add_argument("--t_min", type=int, default=0)
     p.add_argument("--calibration_particles", type=int, default=1000)
     p.add_argument("--num_samples", type=int, default=1000)
-    p.add_argument("--sweep", type=float, nargs="*", default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
+    p.add_argument("--sweep", type=float, nargs="*", default=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
                    help="constant step sizes swept at the last checkpoint")  # fmt: skip
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save_dir", default=os.path.join(os.path.dirname(RESULTS), "..", "runs", "convergence"),
@@ -507,11 +573,13 @@ def main(argv=None):
     p.add_argument("--name", default=None)
     p.add_argument("--fresh", action="store_true", help="start a new JSON instead of appending rows")
     p.add_argument("--plot_only", action="store_true")
+    p.add_argument("--report", action="store_true", help="print the markdown tables of an existing JSON and exit")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.plot_only:
+    if args.plot_only or args.report:
         name = args.name or f"convergence_{args.data}"
-        plot(json.load(open(os.path.join(RESULTS, name + ".json"))), name)
+        record = json.load(open(os.path.join(RESULTS, name + ".json")))
+        plot(record, name) if args.plot_only else print(report(record))
         return
     run(args)
 
