@@ -252,14 +252,15 @@ def cmd_cache(args: argparse.Namespace, rest: list[str]) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace, rest: list[str]) -> None:
-    from .evaluation_args import evaluate_parser
+    from .evaluation_args import METRIC_NAMES, evaluate_parser
 
     evaluate_parser("latent-dmmd evaluate").parse_args(rest)  # --help and flag errors before torch is imported
     from .evaluation import evaluate_main
 
     record = evaluate_main(rest, prog="latent-dmmd evaluate")
     m = record["metrics"]
-    print(f"FID {m['fid']:.2f}  KID {m['kid']:.4f} ± {m['kid_std']:.4f}  ({m['num_fake']} generated vs {m['num_real']} reference)")
+    fd, kd = METRIC_NAMES[m.get("features", "inception")]
+    print(f"{fd} {m['fid']:.2f}  {kd} {m['kid']:.4f} ± {m['kid_std']:.4f}  ({m['num_fake']} generated vs {m['num_real']} reference)")
 
 
 # ---------------------------------------------------------------------------- push / card

