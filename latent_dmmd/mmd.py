@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from einops import rearrange, repeat
 
 FeatureFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 L2Mode = Literal["feature", "witness"]
@@ -242,12 +243,15 @@ def dmmd_loss(
     else:
         raise ValueError(f"unknown pairing {pairing!r}; expected 'paired', 'permuted' or 'independent'")
     features = phi(torch.cat([x0, scored]), torch.cat([t, t]))
+    # one forward over [clean; noisy]: split it into (side, group, sample, feature)
+    by_group = "(side group n) d -> side group n d"
+    levels = rearrange(t, "(group n) -> group n", group=num_groups)[:, 0]
     if on_raw_features is not None:
-        raw = features.detach().view(2, num_groups, size, -1)
-        on_raw_features(raw[0], raw[1], t.view(num_groups, size)[:, 0])
+        raw = rearrange(features.detach(), by_group, side=2, group=num_groups)
+        on_raw_features(raw[0], raw[1], levels)
     if kernel is not None:
         features = kernel(features, torch.cat([t, t]))
-    a, b = features[:batch].view(num_groups, size, -1), features[batch : 2 * batch].view(num_groups, size, -1)
+    a, b = rearrange(features, by_group, side=2, group=num_groups)
     mmd2 = mmd2_unbiased_paired(a, b) if pairing == "paired" else mmd2_unbiased(a, b)
     if callable(group_weights):
         group_weights = group_weights(mmd2.detach())
@@ -268,7 +272,7 @@ def dmmd_loss(
         else:
             u = interpolation.to(x0.device, x0.dtype).view((batch,) + (1,) * (x0.dim() - 1))
         x_hat = u * x0 + (1 - u) * xt
-        t_hat, g_hat = t, g.repeat_interleave(size, 0)  # each interpolate's own group direction
+        t_hat, g_hat = t, repeat(g, "group d -> (group n) d", n=size)  # each interpolate's own group direction
         if penalty_index is not None:  # the penalty on a subset of the interpolates only
             index = penalty_index.to(x0.device)
             x_hat, t_hat, g_hat = x_hat[index], t[index], g_hat[index]
@@ -294,5 +298,5 @@ def dmmd_loss(
         gradient_penalty=gp.detach(),
         mmd2_per_group=mmd2.detach(),
         feature_norm=features.detach().norm(dim=1).mean(),
-        level_per_group=t.view(num_groups, size)[:, 0].detach(),
+        level_per_group=levels.detach(),
     )
