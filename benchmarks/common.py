@@ -57,17 +57,25 @@ def add_sampling_args(p, num_samples: int = 500, seed: int = 0) -> None:
 
 
 def add_real_features_arg(p) -> None:
+    """``--real_features`` (the reference set's cached features) and the feature space the metrics use."""
     p.add_argument("--real_features", default=None,
-                   help="file caching the reference set's Inception features: computed and saved if absent, else loaded")
+                   help="file caching the reference set's features: computed and saved if absent, else loaded")
+    p.add_argument("--metric_features", choices=("inception", "dinov2"), default="inception",
+                   help="FID/KID in the Inception network's features, or FD-/KD-DINOv2 in a DINOv2 ViT's CLS token")
+    p.add_argument("--dinov2_model", default="facebook/dinov2-base", help="DINOv2 Hub id or folder (--metric_features dinov2)")
 
 
 def reference_metric(args, resolution: int, kid_subset_size: int = 100):
     """A ``FIDKID`` holding the reference set's features at ``resolution``: loaded from ``--real_features``
     when that file holds this very set, else computed (and saved there, atomically, when the flag is given)."""
-    from latent_dmmd.evaluation import FIDKID, reference_images
+    from latent_dmmd.evaluation import FIDKID, metric_features, reference_images
 
-    metric = FIDKID(kid_subset_size=kid_subset_size)
+    kind = getattr(args, "metric_features", "inception")
+    extractor, num_features, _ = metric_features(kind, getattr(args, "dinov2_model", None))
+    metric = FIDKID(kid_subset_size=kid_subset_size, extractor=extractor, num_features=num_features)
     key = [args.reference, args.reference_first_index, args.reference_count, resolution]
+    if kind != "inception":  # caches written before the flag hold Inception features under the plain key
+        key.append([kind, args.dinov2_model])
     cache = getattr(args, "real_features", None)
     if cache and os.path.isfile(cache):
         saved = torch.load(cache, weights_only=True)

@@ -312,8 +312,13 @@ def benchmark_metrics(pipe, benchmark: str, path: str, resolution: int, model: s
                                  row["seconds_per_image"] * row["num_fake"], {}, particles_per_batch=a["batch_size"],
                                  seed=a["seed"])  # fmt: skip
     protocol["source"] = benchmark
+    if a.get("metric_features", "inception") != "inception":  # the benchmark scored in another feature space
+        from .dinov2 import PREPROCESSING
+
+        protocol["features"] = a["metric_features"]
+        protocol["feature_extractor"] = f"DINOv2 ({a.get('dinov2_model')}), {PREPROCESSING}"
     keys = ("fid", "kid", "kid_std", "num_fake", "num_real", "precision", "recall")
-    write_metrics(path, {k: row[k] for k in keys if k in row}, protocol)
+    write_metrics(path, {k: row[k] for k in keys if k in row} | {"features": protocol["features"]}, protocol)
 
 
 # what a model folder written by ``ship_run`` may hold at its top level: anything else in an existing
