@@ -170,14 +170,15 @@ def calibrated_step_size(
     return float(value.exp()) * calibrated_flow_steps / flow_steps
 
 
-def calibrate_pipeline(pipe, data: torch.Tensor, *, generator: torch.Generator | None = None, progress: bool = True) -> Calibration:
+def calibrate_pipeline(pipe, data: torch.Tensor, *, generator: torch.Generator | None = None, progress: bool = True,
+                       step_size: float = 1.0) -> Calibration:
     """Calibrate a ``DMMDPipeline``'s step sizes on training samples and store them in its scheduler.
 
     ``data`` (N, …) are clean training samples in the space the flow runs in (VAE latents, scaled as the
     pipeline's ``encode`` returns them, for a latent model); N particles are flowed, so N is also the
     ensemble size the calibration assumes (256–1024 is plenty). The pipeline's scheduler is replaced by a
-    copy with ``step_size_schedule="calibrated"`` and ``step_size=1`` (``eta`` multiplies the calibrated
-    steps), on the grid its statistics were computed for.
+    copy with ``step_size_schedule="calibrated"`` and ``step_size`` (the multiplier of the calibrated steps,
+    1: as calibrated), on the grid its statistics were computed for.
     """
     disc, sched = pipe.discriminator, pipe.scheduler
     if disc.config.objective != "mmd":
@@ -197,5 +198,5 @@ def calibrate_pipeline(pipe, data: torch.Tensor, *, generator: torch.Generator |
         flow_steps=sched.config.flow_steps_per_level, generator=generator, particle_mean=sched.config.particle_mean,
         marginal_means=stats.mean_noised.float().to(device), progress=progress,
     )  # fmt: skip
-    pipe.register_modules(scheduler=type(sched).from_config(sched.config, step_size=1.0, **calibration.as_config()))
+    pipe.register_modules(scheduler=type(sched).from_config(sched.config, step_size=step_size, **calibration.as_config()))
     return calibration

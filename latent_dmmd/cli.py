@@ -1,4 +1,4 @@
-"""The ``latent-dmmd`` command line: demo, sample, train, cache-latents, evaluate, push, card.
+"""The ``latent-dmmd`` command line: demo, sample, train, cache-latents, evaluate, calibrate, push, card.
 
 User mistakes end with one clear line on stderr and exit status 2, never a traceback.
 """
@@ -283,6 +283,47 @@ def cmd_push(args: argparse.Namespace) -> None:
     print(f"uploaded {len(files)} files to {args.repo_id}{'@' + args.revision if args.revision else ''}")
 
 
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    """Calibrate a model's step sizes on its training images and save the folder with the calibrated scheduler."""
+    import torch
+
+    from .calibration import calibrate_pipeline
+    from .data import build_image_dataset
+
+    out = args.output or args.model
+    if args.output is None and not args.in_place:
+        raise UserError("pass --output FOLDER for a calibrated copy, or --in_place to update the model folder")
+    if not os.path.isdir(args.model):
+        raise UserError(f"calibrate reads a local pipeline folder; {args.model} is not one")
+    if not os.path.exists(args.data):
+        raise UserError(f"no such training data: {args.data}")
+    pipe = _load_pipeline(args.model, args.vae)
+    if pipe.vae is None and pipe.discriminator.config.reference_vae is not None:
+        raise UserError(f"{args.model} is a latent model without its autoencoder: pass --vae to encode the images")
+    from .evaluation import output_resolution
+
+    resolution = output_resolution(pipe)
+    data = build_image_dataset(args.data, resolution=resolution, first_index=args.first_index,
+                               max_train_samples=args.num_particles, channels=pipe.particle_shape[0] if pipe.vae is None else 3)  # fmt: skip
+    items = [x["pixel_values"] for x in (data[i] for i in range(len(data))) if x is not None]
+    if len(items) < 2:
+        raise UserError(f"{args.data} gave {len(items)} readable images from index {args.first_index}: need at least 2")
+    x = torch.stack(items)
+    if pipe.vae is not None:
+        from .autoencoders import encode_images
+
+        with torch.no_grad():
+            x = torch.cat([encode_images(pipe.vae, chunk).mean for chunk in x.split(32)])
+    pipe.set_progress_bar_config(disable=True)
+    calibration = calibrate_pipeline(pipe, x, generator=torch.Generator().manual_seed(args.seed), step_size=args.step_size)
+    vae = pipe.vae if args.vae is None else None  # an attached autoencoder is not written into the folder
+    from .pipelines import DMMDPipeline
+
+    DMMDPipeline(pipe.discriminator, pipe.scheduler, vae=vae).save_pretrained(out)
+    steps = ", ".join(f"{t}: {s:.3g}" for t, s in zip(calibration.timesteps, calibration.step_sizes))
+    print(f"calibrated on {x.shape[0]} images ({args.data} from {args.first_index}); step sizes per level {steps} -> {out}")
+
+
 def cmd_card(args: argparse.Namespace) -> None:
     from .hub import ship_run, write_model_card
 
@@ -409,6 +450,22 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--token-env", default=None,
                       help="environment variable holding a token (default: huggingface_hub's own login)")  # fmt: skip
     push.set_defaults(func=cmd_push)
+
+    calibrate = sub.add_parser("calibrate", formatter_class=fmt,
+                               help="choose a flow step size per level on training images (method 5) and store it in "
+                                    "the model's scheduler")  # fmt: skip
+    calibrate.add_argument("model", help="local pipeline folder")
+    calibrate.add_argument("--data", required=True, help="training images (folder or IDX file): never held-out data")
+    calibrate.add_argument("--first-index", dest="first_index", type=int, default=0, help="first image of --data used")
+    calibrate.add_argument("--num-particles", dest="num_particles", type=_positive_int, default=512,
+                           help="images flowed together; also the ensemble size the steps assume")  # fmt: skip
+    calibrate.add_argument("--vae", default=None, help="autoencoder of a latent model that ships without one")
+    calibrate.add_argument("--step-size", dest="step_size", type=_positive_float, default=1.0,
+                           help="multiplier of the calibrated steps stored with them")  # fmt: skip
+    calibrate.add_argument("--seed", type=int, default=0, help="seed of the particles' noise and the targets' noise")
+    calibrate.add_argument("--output", default=None, help="write the calibrated model here")
+    calibrate.add_argument("--in-place", dest="in_place", action="store_true", help="update the model folder itself")
+    calibrate.set_defaults(func=cmd_calibrate)
 
     card = sub.add_parser("card", formatter_class=fmt,
                           help="write or refresh the model card (README.md) of a pipeline folder, or ship a run "

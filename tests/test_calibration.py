@@ -124,3 +124,21 @@ def test_pipeline_calibration_round_trip(tmp_path, pipe):
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="shaped like the particles"):
         calibrate_pipeline(pipe, data[:, :1])
+
+
+def test_cli_calibrate_stores_the_steps_and_refuses_without_a_destination(tmp_path, pipe, capsys):
+    from latent_dmmd import DMMDPipeline
+    from latent_dmmd.cli import main as cli
+
+    from .conftest import write_image_folder
+
+    pipe.save_pretrained(tmp_path / "m")
+    write_image_folder(tmp_path / "train", n=12, size=8)
+    assert cli(["calibrate", str(tmp_path / "m"), "--data", str(tmp_path / "train")]) == 2
+    assert "--output" in capsys.readouterr().err
+    assert cli(["calibrate", str(tmp_path / "m"), "--data", str(tmp_path / "train"), "--output", str(tmp_path / "c")]) == 0
+    assert "calibrated on 12 images" in capsys.readouterr().out
+    calibrated = DMMDPipeline.from_pretrained(tmp_path / "c")
+    c = calibrated.scheduler.config
+    assert c.step_size_schedule == "calibrated" and len(c.calibrated_step_sizes) == c.num_inference_steps
+    assert DMMDPipeline.from_pretrained(tmp_path / "m").scheduler.config.step_size_schedule == "constant"  # untouched

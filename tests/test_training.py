@@ -95,10 +95,18 @@ def test_pixel_smoke_training_skips_corrupt_images_and_exports_a_pipeline(tmp_pa
     assert summary["step_size_calibration"]["samples"] == 16
 
 
-def test_an_explicit_step_rule_is_kept_at_export(tmp_path):
-    pipe = load(run(tmp_path, "--step_size_schedule", "constant", "--step_size", "0.3", steps=2))
+@pytest.mark.parametrize("flags", [["--step_size_schedule", "constant", "--step_size", "0.3"], ["--step_size", "0.3"]])
+def test_an_explicit_step_rule_is_kept_at_export(tmp_path, flags):
+    pipe = load(run(tmp_path, *flags, steps=2))
     assert pipe.scheduler.config.step_size_schedule == "constant" and pipe.scheduler.config.step_size == 0.3
     assert pipe.scheduler.config.calibrated_step_sizes is None
+
+
+def test_a_calibrated_schedule_with_a_step_size_scales_the_calibration(tmp_path):
+    pipe = load(run(tmp_path, "--step_size_schedule", "calibrated", "--step_size", "0.5", steps=2))
+    c = pipe.scheduler.config
+    assert c.step_size_schedule == "calibrated" and c.step_size == 0.5
+    assert pipe.scheduler.step_sizes() == pytest.approx([0.5 * s for s in c.calibrated_step_sizes])
 
 
 def test_corrupt_image_is_counted(tmp_path):

@@ -63,9 +63,10 @@ class TrainConfig:
     beta_schedule: str | None = _f(None, "forward process: linear, scaled_linear or squaredcos_cap_v2")
     num_inference_steps: int | None = _f(None, "T: noise levels of the sampling grid (statistics are stored for it)")
     flow_steps_per_level: int | None = _f(None, "N_s: flow steps per level when sampling")
-    step_size: float | None = _f(None, "flow step size eta")
-    step_size_schedule: str | None = _f(None, "constant, sigma2, rms, level or calibrated (unset: calibrated at export "
-                                              "on --calibration_samples training samples)")
+    step_size: float | None = _f(None, "flow step size eta (with --step_size_schedule calibrated: the multiplier of the "
+                                       "calibrated steps; unset, with no schedule: calibrated at export)")
+    step_size_schedule: str | None = _f(None, "constant, sigma2, rms, level or calibrated (unset together with "
+                                              "--step_size: calibrated at export on --calibration_samples samples)")
     t_min: int | None = _f(None, "lowest level of the sampling grid")
     timestep_spacing: str | None = _f(None, "sampling grid spacing: linear or log_snr")
     particle_mean: str | None = _f(None, "ensemble or forward_marginal")
@@ -141,7 +142,8 @@ class TrainConfig:
     reference_max_samples: int | None = _f(None, "data samples behind m_P and m_Pt (default: the whole training set)")
     reference_batch_size: int = _f(64, "batch size for the reference statistics")
     calibration_samples: int = _f(512, "training samples whose flow calibrates a step size per level at export (method 5, "
-                                       "'calibrated'; used when --step_size_schedule is unset or calibrated; 0: off)")
+                                       "'calibrated'; used with --step_size_schedule calibrated, or when neither it nor "
+                                       "--step_size is given; 0: off)")
     # sharing
     push_to_hub: bool = _f(False, "upload the final pipeline folder to the Hub")
     hub_model_id: str | None = _f(None, "Hub repo id for --push_to_hub")
@@ -171,7 +173,10 @@ class TrainConfig:
     def scheduler_kwargs(self) -> dict:
         from ..schedulers import DMMDScheduler
 
-        return self._set(DMMDScheduler)
+        kwargs = self._set(DMMDScheduler)
+        if kwargs.get("step_size_schedule") == "calibrated":  # calibrated at export; training samples with eta as given
+            kwargs.pop("step_size_schedule")
+        return kwargs
 
     def validate(self) -> None:
         """Refuse inconsistent settings before any work is done."""

@@ -66,8 +66,10 @@ def calibration_data(dataset, config: TrainConfig, collate, device, vae=None) ->
 
 
 def wants_calibration(config: TrainConfig) -> bool:
-    """Whether the export calibrates the step sizes: the schedule is left unset (or asks for it) and samples are given."""
-    return config.objective == "mmd" and config.calibration_samples > 0 and config.step_size_schedule in (None, "calibrated")
+    """Whether the export calibrates the step sizes: asked for (``--step_size_schedule calibrated``), or no step rule
+    given at all (neither a schedule nor a step size: the default); an explicit ``--step_size`` alone is kept."""
+    unset = config.step_size_schedule is None and config.step_size is None
+    return config.objective == "mmd" and config.calibration_samples > 0 and (unset or config.step_size_schedule == "calibrated")
 
 
 def export_baseline(accelerator, model, ema, scheduler, config: TrainConfig, run_info: dict) -> str:
@@ -117,7 +119,8 @@ def export_pipeline(accelerator, model, ema, scheduler, dataset, config: TrainCo
             from ..calibration import calibrate_pipeline
 
             data = calibration_data(dataset, config, collate_skipping, accelerator.device, train_vae).cpu()
-            calibration = calibrate_pipeline(pipe, data, generator=torch.Generator().manual_seed(config.seed))
+            calibration = calibrate_pipeline(pipe, data, generator=torch.Generator().manual_seed(config.seed),
+                                             step_size=config.step_size or 1.0)  # fmt: skip
             run_info = run_info | {"step_size_calibration": {"samples": int(data.shape[0]), "step_sizes": calibration.step_sizes}}
             logger.info("calibrated step sizes per level on %d training samples: %s", data.shape[0],
                         ", ".join(f"{s:.3g}" for s in calibration.step_sizes))  # fmt: skip
