@@ -199,7 +199,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.grid:
         from PIL import Image
 
-        from .evaluation import image_grid, to_uint8
+        from .records import image_grid, to_uint8
 
         os.makedirs(args.output_dir, exist_ok=True)
         path = os.path.join(args.output_dir, "grid.png")
@@ -267,7 +267,7 @@ def cmd_evaluate(args: argparse.Namespace, rest: list[str]) -> None:
 
 
 def cmd_push(args: argparse.Namespace) -> None:
-    from .hub import push_pipeline_folder
+    from .upload import push_pipeline_folder
 
     if not os.path.isdir(args.folder):
         raise UserError(f"pipeline folder not found: {args.folder}")
@@ -300,7 +300,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     pipe = _load_pipeline(args.model, args.vae)
     if pipe.vae is None and pipe.discriminator.config.reference_vae is not None:
         raise UserError(f"{args.model} is a latent model without its autoencoder: pass --vae to encode the images")
-    from .evaluation import output_resolution
+    from .records import output_resolution
 
     resolution = output_resolution(pipe)
     data = build_image_dataset(args.data, resolution=resolution, first_index=args.first_index,

@@ -1,75 +1,21 @@
-"""Model cards and Hub uploads.
+"""Model cards, and a training run shipped as a model folder.
 
-``write_model_card`` renders ``templates/model_card.md`` with huggingface_hub's card tools.
-``push_pipeline_folder`` uploads exactly the files a pipeline folder needs (never training
-state, logs, pickles or anything that could hold a token) through ``HfApi``.
+``write_model_card`` renders ``templates/model_card.md`` with huggingface_hub's card tools; ``ship_run``
+turns a run into a model folder with its card. Uploads live in ``upload`` (re-exported here).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import os
 from importlib import resources
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .upload import NEVER_UPLOAD, UPLOAD_PATTERNS, files_to_upload, push_pipeline_folder  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
-
-# Relative paths (fnmatch patterns) that belong to a pipeline folder; everything else stays home.
-UPLOAD_PATTERNS = (
-    "model_index.json", "README.md", "pipeline.py", "checksums.json", "*.png",
-    "*/config.json", "*/scheduler_config.json", "*/*.safetensors",
-)  # fmt: skip
-NEVER_UPLOAD = ("checkpoint-*", "*/checkpoint-*", "logs/*", ".tmp*", "*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt",
-                "*token*", ".cache/*", "*/.cache/*")  # fmt: skip
-
-
-def files_to_upload(folder: str) -> list[str]:
-    """The relative paths ``push_pipeline_folder`` uploads from ``folder``, sorted."""
-    chosen = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith((".", "checkpoint-", "logs"))]
-        for name in dirs + files:  # never upload through a link: its target may be anything (a private key)
-            if os.path.islink(os.path.join(root, name)):
-                raise ValueError(f"{os.path.join(root, name)} is a symbolic link; push uploads regular files only: "
-                                 "replace the link by the file it points to, or remove it")  # fmt: skip
-        for name in files:
-            rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
-            if any(fnmatch.fnmatch(rel, p) for p in NEVER_UPLOAD):
-                continue
-            if any(fnmatch.fnmatch(rel, p) for p in UPLOAD_PATTERNS):
-                chosen.append(rel)
-    return sorted(chosen)
-
-
-def push_pipeline_folder(
-    folder: str,
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    token: str | None = None,
-    commit_message: str = "Upload DMMD pipeline",
-    api: HfApi | None = None,
-) -> list[str]:
-    """Create ``repo_id`` (optionally private) and upload the pipeline files of ``folder``,
-    optionally to branch ``revision``. The token is passed through, never written or logged."""
-    if not os.path.isfile(os.path.join(folder, "model_index.json")):
-        raise ValueError(f"{folder} is not a pipeline folder (no model_index.json)")
-    files = files_to_upload(folder)
-    api = api or HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True, token=token, repo_type="model")
-    if revision:
-        api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
-    api.upload_folder(
-        folder_path=folder, repo_id=repo_id, allow_patterns=files, revision=revision,
-        token=token, commit_message=commit_message,
-    )  # fmt: skip
-    logger.info("uploaded %d files of %s to %s%s", len(files), folder, repo_id, f"@{revision}" if revision else "")
-    return files
-
 
 def _template() -> str:
     return resources.files("latent_dmmd").joinpath("templates/model_card.md").read_text()
@@ -110,23 +56,23 @@ def _previous_card(path: str) -> dict:
     found = re.search(r"<!-- latent_dmmd card: (.*) -->", card.text)
     state = json.loads(found.group(1)) if found else {}
     if not found:
-        sections = re.split(r"^## ", card.text, flags=re.M)
+        sections = re.split(r"^## ", card.text, flags=re.MULTILINE)
         for section in sections:
             title, _, body = section.partition("\n")
-            rows = dict(re.findall(r"^\| ([^|]+?) \| (.+?) \|$", body, flags=re.M))
+            rows = dict(re.findall(r"^\| ([^|]+?) \| (.+?) \|$", body, flags=re.MULTILINE))
             rows = {k: v for k, v in rows.items() if k not in ("metric", "---", "") and set(v) != {"-", " "}}
             if title.strip() == "Training":
                 state["training"] = rows
             elif title.strip() == "Limitations":  # the template's two fixed bullets come first
-                bullets = re.findall(r"^- (.*(?:\n  .*)*)", body, flags=re.M)
+                bullets = re.findall(r"^- (.*(?:\n  .*)*)", body, flags=re.MULTILINE)
                 state["limitations"] = [b.replace("\n  ", " ") for b in bullets[2:]]
             elif title.strip() == "Evaluation":
                 state["metrics"] = rows
-                protocol = re.search(r"^Protocol: (.*)$", body, flags=re.M)
+                protocol = re.search(r"^Protocol: (.*)$", body, flags=re.MULTILINE)
                 state["protocol"] = protocol.group(1) if protocol else ""
-        image = re.search(r"^!\[samples\]\((.+?)\)$", card.text, flags=re.M)
+        image = re.search(r"^!\[samples\]\((.+?)\)$", card.text, flags=re.MULTILINE)
         state["sample_grid"] = image.group(1) if image else None
-        note = re.search(r"^\*\*Autoencoder\.\*\* (.*)$", card.text, flags=re.M)
+        note = re.search(r"^\*\*Autoencoder\.\*\* (.*)$", card.text, flags=re.MULTILINE)
         state["vae_note"] = note.group(1) if note else None
     data = card.data
     state["datasets"] = data.datasets
@@ -293,7 +239,7 @@ def benchmark_metrics(pipe, benchmark: str, path: str, resolution: int, model: s
     """Write a ``metrics.json`` (the ``latent-dmmd evaluate`` format) from the DMMD row of a quality
     benchmark (``benchmarks/results/quality_*.json``) that used this pipeline's own sampler (T, N_s,
     step size); ``model`` names the row's model when the benchmark scored several."""
-    from .evaluation import sampling_protocol, write_metrics
+    from .records import sampling_protocol, write_metrics
 
     with open(benchmark) as f:
         record = json.load(f)
@@ -382,8 +328,8 @@ def ship_run(run: str, dest: str, *, drop_vae: bool = False, sample_grid: bool =
     import torch
 
     from .atomic import replace_folder
-    from .evaluation import output_resolution, save_grid
     from .pipelines import DMMDPipeline
+    from .records import output_resolution, save_grid
 
     for name in ("pipeline/model_index.json", "config.yaml", "training_summary.json"):
         if not os.path.isfile(os.path.join(run, name)):

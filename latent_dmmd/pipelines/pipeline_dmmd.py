@@ -108,7 +108,7 @@ class DMMDPipeline(DiffusionPipeline):
         """Save to a temporary folder and upload the pipeline files only (see ``latent_dmmd.hub``)."""
         import tempfile
 
-        from ..hub import push_pipeline_folder
+        from ..upload import push_pipeline_folder
 
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)

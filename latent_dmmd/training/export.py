@@ -134,7 +134,7 @@ def export_pipeline(accelerator, model, ema, scheduler, dataset, config: TrainCo
             json.dump(run_info, f, indent=2)
         logger.info("wrote the pipeline to %s (statistics over %d samples)", folder, run_info["reference_count"])
         if config.push_to_hub:
-            from ..hub import push_pipeline_folder
+            from ..upload import push_pipeline_folder
 
             push_pipeline_folder(folder, config.hub_model_id, private=config.hub_private)
     accelerator.wait_for_everyone()

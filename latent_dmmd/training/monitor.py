@@ -105,7 +105,7 @@ def validate(accelerator, model, ema, scheduler, dataset, config: TrainConfig, s
     pipe.set_progress_bar_config(disable=True)
     images = pipe(num_images=config.num_validation_images, generator=torch.Generator().manual_seed(config.seed),
                   output_type="pt").images  # fmt: skip
-    from ..evaluation import save_grid, to_uint8
+    from ..records import save_grid, to_uint8
 
     grid = save_grid(to_uint8(images.cpu()), os.path.join(config.output_dir, "validation", f"step-{step:06d}.png"),
                      nrow=int(math.ceil(math.sqrt(len(images)))))  # fmt: skip
