@@ -346,3 +346,26 @@ def test_sharded_training_is_refused_for_the_penalised_dmmd_objective(kind):
         check_distributed_type(kind, config)
     check_distributed_type("MULTI_CPU", config)  # DDP over gloo: the tested path
     check_distributed_type(kind, load_config(["--train_data_dir", "x", "--method", "ddpm"]))
+
+
+def test_the_loops_named_steps_work_on_their_own(monkeypatch):
+    """issue 30: the loop is prepare / micro_step / count_bad_step / log_step / checkpoint_and_evaluate / export,
+    each callable with just the state it reads."""
+    from types import SimpleNamespace
+
+    from latent_dmmd.training import loop
+
+    config = load_config(["--train_data_dir", "x", "--max_bad_steps", "2", "--checkpointing_steps", "5"])
+    run = SimpleNamespace(config=config, global_step=7, bad_in_a_row=0, bad_total=0)
+    loop.count_bad_step(run)
+    assert (run.bad_in_a_row, run.bad_total) == (1, 1)
+    with pytest.raises(RuntimeError, match="2 consecutive steps"):
+        loop.count_bad_step(run)
+    saved = []
+    monkeypatch.setattr(loop, "save_checkpoint", lambda acc, out, step, limit, cfg: saved.append(step))
+    run = SimpleNamespace(config=config, accelerator=None, heldout=None, dmmd=True, global_step=5)
+    loop.checkpoint_and_evaluate(run, last=False)
+    run.global_step = 6
+    loop.checkpoint_and_evaluate(run, last=False)
+    loop.checkpoint_and_evaluate(run, last=True)  # the last step is always saved
+    assert saved == [5, 6]

@@ -93,40 +93,78 @@ def main(argv: list[str] | None = None) -> str | None:
         lock.release()
 
 
-def _train(config: TrainConfig, accelerator, report_to: str | None) -> str:
-    """The training loop of ``main`` once the output folder is claimed."""
+@dataclasses.dataclass
+class Run:
+    """Everything a training run holds between its named steps: what ``prepare`` builds and the counters the
+    loop advances."""
+
+    config: TrainConfig
+    accelerator: object
+    model: torch.nn.Module
+    scheduler: object
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    loader: object
+    dataset: object
+    ema: object = None
+    balance: object = None
+    heldout: torch.Tensor | None = None
+    train_vae: object = None
+    vae_id: object = None
+    reduce_sum: object = None
+    global_step: int = 0
+    bad_in_a_row: int = 0
+    bad_total: int = 0
+    skipped_images: int = 0
+    start: float = dataclasses.field(default_factory=time.time)
+    loop_start: float = 0.0
+
+    @property
+    def dmmd(self) -> bool:
+        return self.config.method == "dmmd"
+
+    def summary(self) -> dict:
+        """What ``training_summary.json`` records of the run."""
+        now = time.time()
+        return {"train_seconds": round(now - self.start, 1), "skipped_images": self.skipped_images,
+                "train_loop_seconds": round(now - self.loop_start, 1), "train_steps": self.global_step,
+                "bad_steps": self.bad_total, "num_processes": self.accelerator.num_processes}  # fmt: skip
+
+
+def prepare_data(config: TrainConfig, accelerator):
+    """``(dataset, sample_shape, train_vae, vae_id)``: cached latents (the VAE freed afterwards) or pixels, or
+    latents encoded every batch when the cache is off (the VAE then stays in memory)."""
+    if config.latent and config.cache_latents:
+        dataset, vae_id = prepare_latents(accelerator, config)
+        return dataset, tuple(dataset.tensors["mean"].shape[1:]), None, vae_id
+    dataset = image_dataset(config)
+    probe = next((item for item in (dataset[i] for i in range(len(dataset))) if item is not None), None)
+    if probe is None:
+        raise ValueError(f"no readable image in {config.train_data_dir or config.dataset_name}: every file was skipped")
+    if not config.latent:
+        return dataset, tuple(probe["pixel_values"].shape), None, None
+    from ..autoencoders import encode_images, load_autoencoder, vae_identity
+
+    train_vae = load_autoencoder(config.pretrained_vae, config.vae_subfolder, config.vae_revision)
+    train_vae.to(accelerator.device)
+    sample_shape = tuple(encode_images(train_vae, probe["pixel_values"][None].to(accelerator.device)).mean.shape[1:])
+    return dataset, sample_shape, train_vae, vae_identity(train_vae, config.pretrained_vae)
+
+
+def prepare(config: TrainConfig, accelerator, report_to: str | None) -> Run:
+    """Data, model, optimiser, LR schedule, EMA and level balance, handed to accelerate; then the resume."""
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
-    from tqdm.auto import tqdm
 
     from ..data import collate_skipping
 
     start = time.time()
-
-    # ---- data: cached latents (VAE freed afterwards) or pixels
-    vae_id = train_vae = None
-    if config.latent and config.cache_latents:
-        dataset, vae_id = prepare_latents(accelerator, config)
-        sample_shape = tuple(dataset.tensors["mean"].shape[1:])
-    else:
-        dataset = image_dataset(config)
-        probe = next((item for item in (dataset[i] for i in range(len(dataset))) if item is not None), None)
-        if probe is None:
-            raise ValueError(f"no readable image in {config.train_data_dir or config.dataset_name}: every file was skipped")
-        sample_shape = tuple(probe["pixel_values"].shape)
-        if config.latent:  # no cache: the VAE stays in memory and encodes every batch
-            from ..autoencoders import encode_images, load_autoencoder, vae_identity
-
-            train_vae = load_autoencoder(config.pretrained_vae, config.vae_subfolder, config.vae_revision)
-            train_vae.to(accelerator.device)
-            vae_id = vae_identity(train_vae, config.pretrained_vae)
-            sample_shape = tuple(encode_images(train_vae, probe["pixel_values"][None].to(accelerator.device)).mean.shape[1:])
+    dataset, sample_shape, train_vae, vae_id = prepare_data(config, accelerator)
     model, scheduler = build_models(config, sample_shape[-1], sample_shape[0])
     if config.method == "ddpm":
         model = model.unet  # the same backbone, trained as an epsilon-prediction network
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.train_batch_size, shuffle=True, drop_last=True,
         num_workers=config.dataloader_num_workers, collate_fn=collate_skipping,
@@ -151,122 +189,169 @@ def _train(config: TrainConfig, accelerator, report_to: str | None) -> str:
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    balance = None
-    if config.method == "dmmd" and config.objective == "mmd":
+    run = Run(config, accelerator, model, scheduler, optimizer, lr_scheduler, loader, dataset, ema=ema,
+              train_vae=train_vae, vae_id=vae_id, start=start)  # fmt: skip
+    if run.dmmd and config.objective == "mmd":
         from ..balance import LevelWeighting
 
-        balance = LevelWeighting(config.level_weighting, scheduler.alphas_cumprod, num_buckets=config.level_buckets,
-                                 decay=config.level_weight_decay, power=config.level_weight_power,
-                                 floor=config.level_weight_floor)  # fmt: skip
-        accelerator.register_for_checkpointing(balance)  # its running means are training state
-    heldout = None
-    if config.method == "dmmd" and config.objective == "mmd" and config.eval_max_samples > 0:
-        heldout = heldout_samples(config, dataset, accelerator, train_vae)
-    eval_every = config.eval_mmd_steps or config.checkpointing_steps
-    reduce_sum = (lambda x: accelerator.reduce(x.to(accelerator.device), "sum").cpu()) if accelerator.num_processes > 1 else None
-
-    global_step, resume_path = resolve_resume(config)
-    if resume_path:
-        changed = check_resume_config(resume_path, config)
-        accelerator.load_state(resume_path)
-        apply_optimizer_settings(optimizer, lr_scheduler, changed)
-        logger.info("resumed from %s (step %d)", resume_path, global_step)
+        run.balance = LevelWeighting(config.level_weighting, scheduler.alphas_cumprod, num_buckets=config.level_buckets,
+                                     decay=config.level_weight_decay, power=config.level_weight_power,
+                                     floor=config.level_weight_floor)  # fmt: skip
+        accelerator.register_for_checkpointing(run.balance)  # its running means are training state
+        if config.eval_max_samples > 0:
+            run.heldout = heldout_samples(config, dataset, accelerator, train_vae)
+    if accelerator.num_processes > 1:
+        run.reduce_sum = lambda x: accelerator.reduce(x.to(accelerator.device), "sum").cpu()
+    resume(run)
     if accelerator.is_main_process and report_to:
         accelerator.init_trackers("latent_dmmd", config={k: str(v) for k, v in dataclasses.asdict(config).items()})
+    return run
 
-    steps_per_epoch = max(1, len(loader) // config.gradient_accumulation_steps)
-    bar = tqdm(total=config.max_train_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process)
-    skipped_images = bad_in_a_row = bad_total = 0
-    micro = 0
-    loop_start = time.time()
-    out_of_time = False
-    while global_step < config.max_train_steps:
-        epoch = global_step // steps_per_epoch
-        loader.set_epoch(epoch)
-        done_in_epoch = global_step - epoch * steps_per_epoch
-        batches = accelerator.skip_first_batches(loader, done_in_epoch * config.gradient_accumulation_steps) if done_in_epoch else loader
+
+def resume(run: Run) -> None:
+    """Restore the newest complete checkpoint (``--resume_from_checkpoint``), applying changed optimiser flags."""
+    run.global_step, path = resolve_resume(run.config)
+    if path:
+        changed = check_resume_config(path, run.config)
+        run.accelerator.load_state(path)
+        apply_optimizer_settings(run.optimizer, run.lr_scheduler, changed)
+        logger.info("resumed from %s (step %d)", path, run.global_step)
+
+
+def micro_step(run: Run, batch: dict, micro: int):
+    """One micro-batch: the loss, its backward and (when gradients sync) the optimiser step. Returns
+    ``(loss output, whether the update was applied)``; a NaN/inf loss or gradient on any process skips it on all."""
+    config, accelerator, model = run.config, run.accelerator, run.model
+    with accelerator.accumulate(model):
+        x0, index = training_batch(batch, config, run.global_step, micro, accelerator.device, run.train_vae)
+        if config.method == "ddpm":
+            from ..baselines import ddpm_step_loss
+
+            out = ddpm_step_loss(model, run.scheduler, x0, index, config.seed, run.global_step, micro)
+        else:
+            out = dmmd_step_loss(model, run.scheduler, x0, index, config, run.global_step, micro,
+                                 penalty_model=accelerator.unwrap_model(model), level_weighting=run.balance,
+                                 reduce=run.reduce_sum)  # fmt: skip
+        # every process must agree to skip, or DDP would wait for a backward that never comes
+        finite = torch.tensor([0.0 if out is None or not torch.isfinite(out.loss) else 1.0], device=accelerator.device)
+        grads_ok = False
+        if accelerator.reduce(finite, "sum").item() == accelerator.num_processes:
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            grads_ok = all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+        if grads_ok:
+            run.optimizer.step()
+            run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return out, grads_ok
+
+
+def count_bad_step(run: Run) -> None:
+    """A skipped update: warn, and stop the run after ``--max_bad_steps`` in a row (the last checkpoint stays)."""
+    run.bad_in_a_row += 1
+    run.bad_total += 1
+    logger.warning("step %d: NaN/inf loss or gradients, update skipped (%d in a row)", run.global_step, run.bad_in_a_row)
+    if run.bad_in_a_row >= run.config.max_bad_steps:
+        raise RuntimeError(
+            f"{run.bad_in_a_row} consecutive steps with NaN/inf loss or gradients; stopping. The last good "
+            f"checkpoint in {run.config.output_dir} is untouched: lower --learning_rate or resume from it"
+        )
+
+
+def log_step(run: Run, out, bar) -> None:
+    """Loss, learning rate and the objective's own scalars, every ``--log_every`` steps."""
+    config = run.config
+    if run.global_step % config.log_every:
+        return
+    logs = {"loss": out.loss.item(), "lr": run.lr_scheduler.get_last_lr()[0]}
+    if run.dmmd and config.objective == "kale":
+        logs.update(kale=out.kale.item(), critic_clean=out.critic_clean.item(),
+                    critic_noisy=out.critic_noisy.item(), gradient_penalty=out.gradient_penalty.item())  # fmt: skip
+    elif run.dmmd:
+        logs.update(mmd2=out.mmd2.item(), l2=out.l2.item(), gradient_penalty=out.gradient_penalty.item(),
+                    feature_norm=out.feature_norm.item(), **run.balance.summary())  # fmt: skip
+    bar.set_postfix(loss=f"{logs['loss']:.4g}")
+    run.accelerator.log(logs, step=run.global_step)
+
+
+def out_of_time(run: Run) -> bool:
+    """Whether ``--max_train_minutes`` has passed on any process (all must stop at the same step)."""
+    if run.config.max_train_minutes is None:
+        return False
+    late = torch.tensor([float(time.time() - run.loop_start > 60 * run.config.max_train_minutes)], device=run.accelerator.device)
+    return run.accelerator.reduce(late, "sum").item() > 0
+
+
+def checkpoint_and_evaluate(run: Run, last: bool) -> None:
+    """The training state every ``--checkpointing_steps`` (and at the end), the held-out MMD² per level every
+    ``--eval_mmd_steps``, a validation grid every ``--validation_steps``."""
+    config, step = run.config, run.global_step
+    if step % config.checkpointing_steps == 0 or last:
+        save_checkpoint(run.accelerator, config.output_dir, step, config.checkpoints_total_limit, config)
+    if run.heldout is not None and (step % (config.eval_mmd_steps or config.checkpointing_steps) == 0 or last):
+        log_level_mmd(run.accelerator, run.model, run.ema, run.scheduler, run.heldout, config, step)
+    if config.validation_steps and step % config.validation_steps == 0 and run.dmmd:
+        validate(run.accelerator, run.model, run.ema, run.scheduler, run.dataset, config, step, run.train_vae)
+
+
+def train_loop(run: Run) -> None:
+    """Optimiser steps until ``--max_train_steps`` or the wall-clock budget, epoch by epoch; a resumed run skips
+    the batches its epoch had already seen, so it continues the uninterrupted run exactly."""
+    from tqdm.auto import tqdm
+
+    config, accelerator = run.config, run.accelerator
+    steps_per_epoch = max(1, len(run.loader) // config.gradient_accumulation_steps)
+    bar = tqdm(total=config.max_train_steps, initial=run.global_step, desc="training",
+               disable=not accelerator.is_local_main_process)  # fmt: skip
+    run.loop_start, micro, stop = time.time(), 0, False
+    while run.global_step < config.max_train_steps and not stop:
+        epoch = run.global_step // steps_per_epoch
+        run.loader.set_epoch(epoch)
+        done = run.global_step - epoch * steps_per_epoch
+        batches = accelerator.skip_first_batches(run.loader, done * config.gradient_accumulation_steps) if done else run.loader
         for batch in batches:
-            skipped_images += int(batch.get("skipped", 0))
-            with accelerator.accumulate(model):
-                x0, index = training_batch(batch, config, global_step, micro, accelerator.device, train_vae)
-                if config.method == "ddpm":
-                    from ..baselines import ddpm_step_loss
-
-                    out = ddpm_step_loss(model, scheduler, x0, index, config.seed, global_step, micro)
-                else:
-                    out = dmmd_step_loss(model, scheduler, x0, index, config, global_step, micro,
-                                         penalty_model=accelerator.unwrap_model(model), level_weighting=balance,
-                                         reduce=reduce_sum)  # fmt: skip
-                # every process must agree to skip, or DDP would wait for a backward that never comes
-                finite = torch.tensor([0.0 if out is None or not torch.isfinite(out.loss) else 1.0], device=accelerator.device)
-                if accelerator.reduce(finite, "sum").item() == accelerator.num_processes:
-                    accelerator.backward(out.loss)
-                    if accelerator.sync_gradients and config.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                    grads_ok = all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
-                else:
-                    grads_ok = False
-                if grads_ok:
-                    optimizer.step()
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            run.skipped_images += int(batch.get("skipped", 0))
+            out, grads_ok = micro_step(run, batch, micro)
             micro += 1
             if not accelerator.sync_gradients:
                 continue
             micro = 0
             if not grads_ok:
-                bad_in_a_row += 1
-                bad_total += 1
-                logger.warning("step %d: NaN/inf loss or gradients, update skipped (%d in a row)", global_step, bad_in_a_row)
-                if bad_in_a_row >= config.max_bad_steps:
-                    raise RuntimeError(
-                        f"{bad_in_a_row} consecutive steps with NaN/inf loss or gradients; stopping. The last good "
-                        f"checkpoint in {config.output_dir} is untouched: lower --learning_rate or resume from it"
-                    )
+                count_bad_step(run)
                 continue
-            bad_in_a_row = 0
-            if ema is not None:
-                ema.step(model.parameters())
-            global_step += 1
+            run.bad_in_a_row = 0
+            if run.ema is not None:
+                run.ema.step(run.model.parameters())
+            run.global_step += 1
             bar.update(1)
-            if global_step % config.log_every == 0:
-                logs = {"loss": out.loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
-                if config.method == "dmmd" and config.objective == "kale":
-                    logs.update(kale=out.kale.item(), critic_clean=out.critic_clean.item(),
-                                critic_noisy=out.critic_noisy.item(), gradient_penalty=out.gradient_penalty.item())  # fmt: skip
-                elif config.method == "dmmd":
-                    logs.update(mmd2=out.mmd2.item(), l2=out.l2.item(), gradient_penalty=out.gradient_penalty.item(),
-                                feature_norm=out.feature_norm.item(), **balance.summary())  # fmt: skip
-                bar.set_postfix(loss=f"{logs['loss']:.4g}")
-                accelerator.log(logs, step=global_step)
-            if config.max_train_minutes is not None:  # every process must stop at the same step
-                late = torch.tensor([float(time.time() - loop_start > 60 * config.max_train_minutes)], device=accelerator.device)
-                out_of_time = accelerator.reduce(late, "sum").item() > 0
-            if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps or out_of_time:
-                save_checkpoint(accelerator, config.output_dir, global_step, config.checkpoints_total_limit, config)
-            if heldout is not None and (global_step % eval_every == 0 or global_step == config.max_train_steps or out_of_time):
-                log_level_mmd(accelerator, model, ema, scheduler, heldout, config, global_step)
-            if config.validation_steps and global_step % config.validation_steps == 0 and config.method == "dmmd":
-                validate(accelerator, model, ema, scheduler, dataset, config, global_step, train_vae)
-            if global_step >= config.max_train_steps or out_of_time:
+            log_step(run, out, bar)
+            stop = out_of_time(run)
+            checkpoint_and_evaluate(run, last=run.global_step == config.max_train_steps or stop)
+            if run.global_step >= config.max_train_steps or stop:
                 break
-        if out_of_time:
-            logger.info("wall-clock budget of %.1f min reached at step %d", config.max_train_minutes, global_step)
-            break
+    if stop:
+        logger.info("wall-clock budget of %.1f min reached at step %d", config.max_train_minutes, run.global_step)
     bar.close()
-    skipped_images = int(accelerator.reduce(torch.tensor([skipped_images], device=accelerator.device), "sum").item())
-    if skipped_images:
-        logger.warning("skipped %d unreadable images during training", skipped_images)
+    run.skipped_images = int(accelerator.reduce(torch.tensor([run.skipped_images], device=accelerator.device), "sum").item())
+    if run.skipped_images:
+        logger.warning("skipped %d unreadable images during training", run.skipped_images)
 
-    if config.method == "ddpm":
-        path = export_baseline(accelerator, model, ema, scheduler, config, {"train_seconds": round(time.time() - start, 1),
-                               "train_loop_seconds": round(time.time() - loop_start, 1), "train_steps": global_step,
-                               "bad_steps": bad_total, "num_processes": accelerator.num_processes})  # fmt: skip
-        accelerator.end_training()
-        return path
-    path = export_pipeline(accelerator, model, ema, scheduler, dataset, config, vae_id, train_vae,
-                           {"train_seconds": round(time.time() - start, 1), "skipped_images": skipped_images,
-                            "train_loop_seconds": round(time.time() - loop_start, 1), "train_steps": global_step,
-                            "bad_steps": bad_total, "num_processes": accelerator.num_processes})  # fmt: skip
-    accelerator.end_training()
+
+def export(run: Run) -> str:
+    """The final folder: the DDPM baseline, or the DMMD pipeline with its statistics, calibration and card."""
+    if run.config.method == "ddpm":
+        info = {k: v for k, v in run.summary().items() if k != "skipped_images"}
+        path = export_baseline(run.accelerator, run.model, run.ema, run.scheduler, run.config, info)
+    else:
+        path = export_pipeline(run.accelerator, run.model, run.ema, run.scheduler, run.dataset, run.config, run.vae_id,
+                               run.train_vae, run.summary())  # fmt: skip
+    run.accelerator.end_training()
     return path
+
+
+def _train(config: TrainConfig, accelerator, report_to: str | None) -> str:
+    """The run once the output folder is claimed: prepare, the loop of steps, export."""
+    run = prepare(config, accelerator, report_to)
+    train_loop(run)
+    return export(run)
