@@ -141,22 +141,22 @@ def plt():
     return pyplot
 
 
-def latent64_discriminator(seed: int = 0):
-    """The discriminator of configs/celebahq_taef2_64.yaml (32 x 8 x 8 TAEF2 latents)."""
-    from latent_dmmd import DMMDDiscriminator
-
-    torch.manual_seed(seed)
-    return DMMDDiscriminator(
-        sample_size=8, in_channels=32, block_out_channels=(64, 128), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=32, norm_num_groups=16,
-    ).requires_grad_(False)  # fmt: skip
-
-
-def latent256_cpu_discriminator(seed: int = 0):
-    """The discriminator of configs/celebahq_taef2_256_cpu.yaml (32 x 32 x 32 TAEF2 latents), built from that file."""
+def config_discriminator(config_name: str, seed: int = 0):
+    """The discriminator a TAEF2 config trains (32 latent channels, 8x downsampling), built from that file, so
+    benchmarks measure what the config trains rather than a hand copy of it."""
     from latent_dmmd import DMMDDiscriminator
     from latent_dmmd.training.config import load_config
 
-    config = load_config(["--config", os.path.join(os.path.dirname(RESULTS), "..", "configs", "celebahq_taef2_256_cpu.yaml")])
-    torch.manual_seed(seed)  # TAEF2: 32 latent channels, 8x downsampling
+    config = load_config(["--config", os.path.join(os.path.dirname(RESULTS), "..", "configs", config_name)])
+    torch.manual_seed(seed)
     return DMMDDiscriminator(sample_size=config.resolution // 8, in_channels=32, **config.model_kwargs()).requires_grad_(False)
+
+
+def latent64_discriminator(seed: int = 0):
+    """The discriminator of configs/celebahq_taef2_64.yaml (32 x 8 x 8 TAEF2 latents)."""
+    return config_discriminator("celebahq_taef2_64.yaml", seed)
+
+
+def latent256_cpu_discriminator(seed: int = 0):
+    """The discriminator of configs/celebahq_taef2_256_cpu.yaml (32 x 32 x 32 TAEF2 latents)."""
+    return config_discriminator("celebahq_taef2_256_cpu.yaml", seed)

@@ -22,13 +22,12 @@ CHECKPOINT_CONFIG = "training_config.json"  # the run's resolved config, inside 
 
 
 def _model_fields() -> tuple[str, ...]:
-    """Config fields that shape the weights: every ``DMMDDiscriminator`` argument a run can set (so a new
-    model option is covered without a list to maintain), plus the method, the data's shape and the EMA."""
-    import inspect
-
+    """Config fields that shape the weights: the fields ``TrainConfig.model_kwargs`` passes to ``DMMDDiscriminator``
+    (so a new model option is covered without a list to maintain), plus the method, the data's shape, the
+    autoencoder and the EMA."""
     from ..models import DMMDDiscriminator
 
-    shape = [n for n in inspect.signature(DMMDDiscriminator.__init__).parameters if n in TrainConfig.__dataclass_fields__]
+    shape = TrainConfig.fields_of(DMMDDiscriminator)
     return tuple(dict.fromkeys(("method", "objective", *shape, "resolution", "channels", "pretrained_vae", "use_ema")))
 
 

@@ -158,12 +158,16 @@ class TrainConfig:
     def cache_dir(self) -> str:
         return self.latent_cache_dir or os.path.join(self.output_dir, "latent_cache")
 
-    def _set(self, cls) -> dict:
-        """The options of ``cls.__init__`` this config sets (None means: keep the class default)."""
+    @classmethod
+    def fields_of(cls, component) -> tuple[str, ...]:
+        """The config fields that are arguments of ``component.__init__`` (the model's or the scheduler's)."""
         import inspect
 
-        names = inspect.signature(cls.__init__).parameters
-        return {k: getattr(self, k) for k in names if hasattr(self, k) and getattr(self, k) is not None}
+        return tuple(n for n in inspect.signature(component.__init__).parameters if n in cls.__dataclass_fields__)
+
+    def _set(self, cls) -> dict:
+        """The options of ``cls.__init__`` this config sets (None means: keep the class default)."""
+        return {k: getattr(self, k) for k in self.fields_of(cls) if getattr(self, k) is not None}
 
     def model_kwargs(self) -> dict:
         from ..models import DMMDDiscriminator
