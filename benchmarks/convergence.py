@@ -148,6 +148,7 @@ ARMS = {
     "gp_quarter": {"gp_fraction": 0.25, "spectral": False},  # the penalty on a keyed quarter of each batch
     "sn": {"gp_fraction": 0.0, "spectral": True},  # spectral normalisation, no penalty
     "none": {"gp_fraction": 0.0, "spectral": False},  # no control at all (the failure the others prevent)
+    "scaled": {"gp_fraction": 0.0, "spectral": False, "feature_scale": "group"},  # a scale-invariant objective
 }
 
 
@@ -192,7 +193,8 @@ def train(method, data, seed, steps_at, args, arm="gp", budget_seconds=None):
             if 0 < fraction < 1:
                 index = torch.randperm(args.batch_size, generator=gen)[: int(fraction * args.batch_size)]
             loss = dmmd_loss(model, x0, xt, t, args.num_groups, lambda_l2=args.lambda_l2,
-                             lambda_gp=lambda_gp if fraction > 0 else 0.0, generator=gen, penalty_index=index).loss
+                             lambda_gp=lambda_gp if fraction > 0 else 0.0, generator=gen, penalty_index=index,
+                             feature_scale=ARMS[arm].get("feature_scale", "none")).loss
         else:
             t = torch.randint(0, 1000, (args.batch_size,), generator=gen)
             loss = (model(sched.add_noise(x0, eps, t), t) - eps).square().mean()

@@ -203,6 +203,7 @@ def dmmd_loss(
     penalty_index: torch.Tensor | None = None,
     kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     on_raw_features: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    feature_scale: Literal["none", "group"] = "none",
 ) -> DMMDLossOutput:
     """DMMD discriminator loss of §3, minimised: ``-MMD²_u + λ_l2 R_l2 + λ_gp R_gp``.
 
@@ -226,6 +227,8 @@ def dmmd_loss(
     ``kernel(features, t) -> psi`` maps ``phi``'s raw features (and the penalty's) into the space where
     the MMD is linear (§5 ``rff_gaussian``); ``on_raw_features(clean (G, n, D), noisy (G, n, D), levels (G,))``
     sees each group's detached raw features of both samples first (how the kernel's bandwidth is measured).
+    ``feature_scale="group"`` divides each group's features by their RMS norm before the MMD: the objective no
+    longer grows with the features' scale (method §9, a cheaper control than the penalty to measure).
     """
     batch = x0.shape[0]
     if batch % num_groups:
@@ -252,6 +255,11 @@ def dmmd_loss(
     if kernel is not None:
         features = kernel(features, torch.cat([t, t]))
     a, b = rearrange(features, by_group, side=2, group=num_groups)
+    if feature_scale == "group":  # a scale-invariant objective: each group's features over their RMS norm
+        rms = ((a.square().sum(-1).mean(1) + b.square().sum(-1).mean(1)) / 2).clamp_min(1e-12).sqrt()
+        a, b = a / rms[:, None, None], b / rms[:, None, None]
+    elif feature_scale != "none":
+        raise ValueError(f"unknown feature_scale {feature_scale!r}; expected 'none' or 'group'")
     mmd2 = mmd2_unbiased_paired(a, b) if pairing == "paired" else mmd2_unbiased(a, b)
     if callable(group_weights):
         group_weights = group_weights(mmd2.detach())

@@ -297,3 +297,16 @@ def test_rff_mmd_approaches_the_exact_gaussian_kernel_mmd_of_the_same_features(n
     # per-row bandwidths broadcast like a scalar one
     same = random_fourier_features(a, torch.full((40,), bandwidth, dtype=torch.float64), 64, seed=3)
     assert torch.allclose(same, random_fourier_features(a, bandwidth, 64, seed=3))
+
+
+def test_group_feature_scale_makes_the_loss_scale_invariant():
+    """feature_scale='group': multiplying the features by any constant leaves the MMD term unchanged."""
+    from latent_dmmd.mmd import dmmd_loss
+
+    gen = torch.Generator().manual_seed(0)
+    x0, xt = torch.randn(16, 3, generator=gen), torch.randn(16, 3, generator=gen) + 1
+    t = torch.zeros(16, dtype=torch.long)
+    out = lambda c, scale: dmmd_loss(lambda x, t: c * torch.cat([x, x.square()], 1), x0, xt, t, 2, lambda_gp=0.0,
+                                     lambda_l2=0.0, feature_scale=scale).mmd2  # fmt: skip
+    assert torch.allclose(out(1.0, "group"), out(50.0, "group"), rtol=1e-5)
+    assert torch.allclose(out(50.0, "none"), 2500 * out(1.0, "none"), rtol=1e-4)  # the plain MMD grows with c²
