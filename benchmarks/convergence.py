@@ -485,6 +485,55 @@ def plot(record, name):
     save_figure(fig, os.path.join(RESULTS, name + ".png"))
 
 
+# --------------------------------------------------------------------------- step cost, side by side
+
+
+def step_cost(data, args, arms, steps: int = 20, rounds: int = 5) -> dict:
+    """Median seconds per training step of DDPM and each DMMD arm, timed in alternating rounds on one thread
+    (the same machine noise for all), and each arm's ratio to DDPM: the cost half of "equal seconds"."""
+    import statistics
+
+    gen = torch.Generator().manual_seed(0)
+    sched = DMMDScheduler()
+    runners = {}
+    for name in ["ddpm", *arms]:
+        method, arm = ("ddpm", "gp") if name == "ddpm" else ("dmmd", name)
+        model = build(method, data, arm).train()
+        opt = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
+        lambda_gp = args.lambda_gp if args.lambda_gp is not None else (1.0 if data.name == "digits" else 0.1)
+
+        def one(model=model, opt=opt, method=method, arm=arm, lambda_gp=lambda_gp):
+            x0 = data.batch(args.batch_size, gen)
+            eps = torch.randn(x0.shape, generator=gen)
+            if method == "dmmd":
+                size = args.batch_size // args.num_groups
+                t = sched.sample_training_timesteps(args.num_groups, gen).repeat_interleave(size)
+                fraction = ARMS[arm]["gp_fraction"]
+                index = torch.randperm(args.batch_size, generator=gen)[: int(fraction * args.batch_size)] if 0 < fraction < 1 else None
+                loss = dmmd_loss(model, x0, sched.add_noise(x0, eps, t), t, args.num_groups, lambda_l2=args.lambda_l2,
+                                 lambda_gp=lambda_gp if fraction > 0 else 0.0, generator=gen, penalty_index=index,
+                                 feature_scale=ARMS[arm].get("feature_scale", "none")).loss  # fmt: skip
+            else:
+                t = torch.randint(0, 1000, (args.batch_size,), generator=gen)
+                loss = (model(sched.add_noise(x0, eps, t), t) - eps).square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        runners[name] = one
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, one in runners.items():
+            one()  # warm-up of this round
+            start = time.perf_counter()
+            for _ in range(steps):
+                one()
+            times[name].append((time.perf_counter() - start) / steps)
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: {"seconds_per_step": median[name], "ratio_to_ddpm": median[name] / median["ddpm"],
+                   "rounds": times[name]} for name in runners}  # fmt: skip
+
+
 # --------------------------------------------------------------------------- markdown report
 
 
@@ -581,8 +630,19 @@ def main(argv=None):
     p.add_argument("--fresh", action="store_true", help="start a new JSON instead of appending rows")
     p.add_argument("--plot_only", action="store_true")
     p.add_argument("--report", action="store_true", help="print the markdown tables of an existing JSON and exit")
+    p.add_argument("--step_cost", action="store_true",
+                   help="time a training step of DDPM and of each --arms side by side (alternating rounds) and exit")  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.step_cost:
+        data = Dataset(args.data)
+        record = {"benchmark": "training step cost, side by side", "data": args.data, "threads": args.threads,
+                  "batch_size": args.batch_size, "arms": step_cost(data, args, args.arms)}  # fmt: skip
+        path = os.path.join(RESULTS, (args.name or f"convergence_step_cost_{args.data}") + ".json")
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+        print(json.dumps({k: round(v["seconds_per_step"] * 1000, 1) for k, v in record["arms"].items()}), "ms/step ->", path)
+        return
     if args.plot_only or args.report:
         name = args.name or f"convergence_{args.data}"
         record = json.load(open(os.path.join(RESULTS, name + ".json")))
