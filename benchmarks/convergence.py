@@ -30,11 +30,11 @@ import os
 import time
 
 import torch
+from common import RESULTS, plt, save_figure
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.training_utils import EMAModel
 from torch import nn
 
-from common import RESULTS, plt, save_figure
 from latent_dmmd.calibration import calibrate_step_sizes
 from latent_dmmd.evaluation import FIDKID
 from latent_dmmd.flow import euler_update, sample_flow

@@ -62,7 +62,8 @@ def test_a_refused_resume_leaves_the_run_record_and_the_card_reads_the_trained_c
     """Round 3 #3: a refused resume had already rewritten config.yaml, and the card then published the refused settings."""
     from latent_dmmd.training import main as train
 
-    from .test_training import TINY_MODEL, run as train_run
+    from .test_training import TINY_MODEL
+    from .test_training import run as train_run
 
     train_run(tmp_path, steps=2)
     out = tmp_path / "out"
