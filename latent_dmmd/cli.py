@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", formatter_class=fmt,
-                          help="train the 2-D toy (~1 min on a CPU) and plot particles flowing onto 8 modes")  # fmt: skip
+                          help="train the 2-D toy (~25 s on 2 CPU cores) and plot particles flowing onto 8 modes")  # fmt: skip
     demo.add_argument("--output", default="dmmd_toy.png", help="PNG to write; metrics go next to it as .json")
     demo.add_argument("--train-steps", type=_positive_int, default=2000, help="discriminator training steps")
     demo.add_argument("--num-particles", type=_positive_int, default=1000, help="particles flowed together")
