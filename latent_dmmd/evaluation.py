@@ -290,8 +290,6 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> dic
 
     if not os.path.exists(args.reference):
         raise FileNotFoundError(f"no such reference set: {args.reference}")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        raise FileNotFoundError(f"the folder of --output does not exist: {os.path.dirname(os.path.abspath(args.output))}")
     num_real = count_images(args.reference, args.reference_first_index, args.reference_count)
     check_set_sizes(num_real, args.num_samples, count_images(args.reference, 0, None), args.reference_first_index,
                     warn=lambda line: print(line, file=sys.stderr))  # fmt: skip
