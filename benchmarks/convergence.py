@@ -168,6 +168,24 @@ def snapshot(model: nn.Module, ema: EMAModel) -> dict:
     return state
 
 
+def batch_loss(method, model, data, sched, gen, args, arm="gp"):
+    """The loss of one training batch: DMMD with the arm's Lipschitz control, or DDPM's epsilon MSE; every
+    random draw from ``gen``, in the same order for every run."""
+    x0 = data.batch(args.batch_size, gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    if method == "ddpm":
+        t = torch.randint(0, 1000, (args.batch_size,), generator=gen)
+        return (model(sched.add_noise(x0, eps, t), t) - eps).square().mean()
+    t = sched.sample_training_timesteps(args.num_groups, gen).repeat_interleave(args.batch_size // args.num_groups)
+    xt = sched.add_noise(x0, eps, t)
+    fraction = ARMS[arm]["gp_fraction"]
+    index = torch.randperm(args.batch_size, generator=gen)[: int(fraction * args.batch_size)] if 0 < fraction < 1 else None
+    lambda_gp = args.lambda_gp if args.lambda_gp is not None else (1.0 if data.name == "digits" else 0.1)
+    return dmmd_loss(model, x0, xt, t, args.num_groups, lambda_l2=args.lambda_l2,
+                     lambda_gp=lambda_gp if fraction > 0 else 0.0, generator=gen, penalty_index=index,
+                     feature_scale=ARMS[arm].get("feature_scale", "none")).loss  # fmt: skip
+
+
 def train(method, data, seed, steps_at, args, arm="gp", budget_seconds=None):
     """Train one model; return [(step, train_seconds, ema_state_dict)] at the steps in ``steps_at`` (and at
     the budget's end). Only the optimisation is timed."""
@@ -177,27 +195,11 @@ def train(method, data, seed, steps_at, args, arm="gp", budget_seconds=None):
     model = build(method, data, arm).train()
     opt = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
     ema = EMAModel(model.parameters(), decay=args.ema_decay)
-    size = args.batch_size // args.num_groups
-    lambda_gp = args.lambda_gp if args.lambda_gp is not None else (1.0 if data.name == "digits" else 0.1)
-    fraction = ARMS[arm]["gp_fraction"]
     out, seconds, step, last = [], 0.0, 0, max(steps_at)
     nonfinite = 0
     while step < last:
         start = time.perf_counter()
-        x0 = data.batch(args.batch_size, gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        if method == "dmmd":
-            t = sched.sample_training_timesteps(args.num_groups, gen).repeat_interleave(size)
-            xt = sched.add_noise(x0, eps, t)
-            index = None
-            if 0 < fraction < 1:
-                index = torch.randperm(args.batch_size, generator=gen)[: int(fraction * args.batch_size)]
-            loss = dmmd_loss(model, x0, xt, t, args.num_groups, lambda_l2=args.lambda_l2,
-                             lambda_gp=lambda_gp if fraction > 0 else 0.0, generator=gen, penalty_index=index,
-                             feature_scale=ARMS[arm].get("feature_scale", "none")).loss
-        else:
-            t = torch.randint(0, 1000, (args.batch_size,), generator=gen)
-            loss = (model(sched.add_noise(x0, eps, t), t) - eps).square().mean()
+        loss = batch_loss(method, model, data, sched, gen, args, arm)
         opt.zero_grad(set_to_none=True)
         if torch.isfinite(loss):
             loss.backward()
@@ -211,7 +213,7 @@ def train(method, data, seed, steps_at, args, arm="gp", budget_seconds=None):
         if step in steps_at or over:
             out.append({"step": step, "train_seconds": seconds, "state": snapshot(model, ema), "nonfinite": nonfinite,
                         "loss": float(loss.detach())})  # fmt: skip
-            print(f"[{data.name} {method}/{arm} seed {seed}] step {step} {seconds:.0f}s loss {float(loss):.4g}", flush=True)
+            print(f"[{data.name} {method}/{arm} seed {seed}] step {step} {seconds:.0f}s loss {loss.item():.4g}", flush=True)
         if over:
             break
     return out
@@ -500,22 +502,9 @@ def step_cost(data, args, arms, steps: int = 20, rounds: int = 5) -> dict:
         method, arm = ("ddpm", "gp") if name == "ddpm" else ("dmmd", name)
         model = build(method, data, arm).train()
         opt = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
-        lambda_gp = args.lambda_gp if args.lambda_gp is not None else (1.0 if data.name == "digits" else 0.1)
 
-        def one(model=model, opt=opt, method=method, arm=arm, lambda_gp=lambda_gp):
-            x0 = data.batch(args.batch_size, gen)
-            eps = torch.randn(x0.shape, generator=gen)
-            if method == "dmmd":
-                size = args.batch_size // args.num_groups
-                t = sched.sample_training_timesteps(args.num_groups, gen).repeat_interleave(size)
-                fraction = ARMS[arm]["gp_fraction"]
-                index = torch.randperm(args.batch_size, generator=gen)[: int(fraction * args.batch_size)] if 0 < fraction < 1 else None
-                loss = dmmd_loss(model, x0, sched.add_noise(x0, eps, t), t, args.num_groups, lambda_l2=args.lambda_l2,
-                                 lambda_gp=lambda_gp if fraction > 0 else 0.0, generator=gen, penalty_index=index,
-                                 feature_scale=ARMS[arm].get("feature_scale", "none")).loss  # fmt: skip
-            else:
-                t = torch.randint(0, 1000, (args.batch_size,), generator=gen)
-                loss = (model(sched.add_noise(x0, eps, t), t) - eps).square().mean()
+        def one(model=model, opt=opt, method=method, arm=arm):
+            loss = batch_loss(method, model, data, sched, gen, args, arm)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .flow import Reference, as_reference, sample_flow
@@ -154,20 +155,10 @@ def calibrated_step_size(
     """``eta`` at ``timestep`` from a stored calibration: exact on its grid, log-linear in ``t`` between
     its levels (flat beyond its ends), scaled by ``calibrated_flow_steps / flow_steps`` so a level's
     total displacement stays what was calibrated when ``N_s`` changes."""
-    ts = torch.as_tensor(list(calibrated_timesteps), dtype=torch.float64)
-    log_eta = torch.as_tensor(list(calibrated_step_sizes), dtype=torch.float64).log()
-    order = ts.argsort()
-    ts, log_eta = ts[order], log_eta[order]
-    t = float(timestep)
-    if t <= ts[0]:
-        value = log_eta[0]
-    elif t >= ts[-1]:
-        value = log_eta[-1]
-    else:
-        i = int(torch.searchsorted(ts, torch.tensor(t, dtype=torch.float64)))
-        w = (t - ts[i - 1]) / (ts[i] - ts[i - 1])
-        value = (1 - w) * log_eta[i - 1] + w * log_eta[i]
-    return float(value.exp()) * calibrated_flow_steps / flow_steps
+    order = np.argsort(calibrated_timesteps)
+    ts = np.asarray(calibrated_timesteps, dtype=np.float64)[order]
+    log_eta = np.log(np.asarray(calibrated_step_sizes, dtype=np.float64))[order]
+    return float(np.exp(np.interp(float(timestep), ts, log_eta))) * calibrated_flow_steps / flow_steps
 
 
 def calibrate_pipeline(pipe, data: torch.Tensor, *, generator: torch.Generator | None = None, progress: bool = True,

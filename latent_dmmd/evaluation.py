@@ -250,16 +250,13 @@ def generate(
     return torch.cat(out), time.perf_counter() - start
 
 
-def count_images(path: str, first_index: int, count: int | None) -> int:
-    """How many images the reference slice holds (listing only: nothing is decoded)."""
+def count_images(path: str) -> int:
+    """How many images a reference set holds (listing only: nothing is decoded)."""
     from .data import build_image_dataset, list_images
 
     if os.path.isdir(path) and not any("idx3" in f for f in os.listdir(path)):
-        total = len(list_images(path))
-    else:
-        total = len(build_image_dataset(path, resolution=8))
-    available = max(0, total - first_index)
-    return available if count is None else min(count, available)
+        return len(list_images(path))
+    return len(build_image_dataset(path, resolution=8))
 
 
 def check_set_sizes(num_real: int, num_fake: int, total: int, first_index: int, warn=print) -> None:
@@ -290,8 +287,10 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = None) -> dic
 
     if not os.path.exists(args.reference):
         raise FileNotFoundError(f"no such reference set: {args.reference}")
-    num_real = count_images(args.reference, args.reference_first_index, args.reference_count)
-    check_set_sizes(num_real, args.num_samples, count_images(args.reference, 0, None), args.reference_first_index,
+    total = count_images(args.reference)
+    available = max(0, total - args.reference_first_index)
+    num_real = available if args.reference_count is None else min(args.reference_count, available)
+    check_set_sizes(num_real, args.num_samples, total, args.reference_first_index,
                     warn=lambda line: print(line, file=sys.stderr))  # fmt: skip
     vae = None
     if args.vae:
