@@ -163,6 +163,52 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, options):
         assert torch.equal(final[key], again[key]), key
 
 
+def test_the_optimisation_clock_continues_across_a_resume(tmp_path):
+    """The learning curve's seconds: each checkpoint records the optimisation seconds so far, and a resumed run
+    starts its clock where the checkpoint left it (not at zero), so curves of runs stopped and continued over
+    several sessions compare at equal training seconds."""
+    run(tmp_path, steps=4)
+    log = [json.loads(line) for line in (tmp_path / "out" / "progress.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4]
+    assert 0 < log[0]["optimize_seconds"] < log[1]["optimize_seconds"]
+    in_checkpoint = json.loads((tmp_path / "out" / "checkpoint-4" / "progress.json").read_text())
+    assert in_checkpoint == log[1]
+    run(tmp_path, "--resume_from_checkpoint", "latest", steps=6)
+    log = [json.loads(line) for line in (tmp_path / "out" / "progress.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6]
+    assert log[2]["optimize_seconds"] > log[1]["optimize_seconds"]
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    assert summary["optimize_seconds"] == pytest.approx(log[2]["optimize_seconds"], abs=0.1)
+
+
+@pytest.mark.parametrize("method", ["dmmd", "ddpm"])
+def test_a_checkpoint_exports_what_the_run_itself_exported_at_that_step(tmp_path, method):
+    """A learning curve's point: ``export_checkpoint`` on the last checkpoint gives the very folder the run
+    exported when it ended there (same EMA weights, same reference statistics), into another folder, leaving the
+    run untouched; an earlier checkpoint gives other weights."""
+    from latent_dmmd.training import export_checkpoint
+
+    run(tmp_path, "--method", method, steps=4)
+    kind = "pipeline" if method == "dmmd" else "baseline"
+    sub = "discriminator" if method == "dmmd" else "unet"
+    before = sorted(os.listdir(tmp_path / "out"))
+    folder = export_checkpoint(str(tmp_path / "out" / "checkpoint-4"), str(tmp_path / "curve"))
+    assert folder == str(tmp_path / "curve" / kind)
+    assert sorted(os.listdir(tmp_path / "out")) == before
+    own = load_file(tmp_path / "out" / kind / sub / "diffusion_pytorch_model.safetensors")
+    again = load_file(tmp_path / "curve" / kind / sub / "diffusion_pytorch_model.safetensors")
+    assert own.keys() == again.keys()
+    for key in own:
+        assert torch.equal(own[key], again[key]), key
+    early = export_checkpoint(str(tmp_path / "out" / "checkpoint-2"), str(tmp_path / "curve2"))
+    weights = load_file(os.path.join(early, sub, "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(own[k], weights[k]) for k in own)
+    with pytest.raises(ValueError, match="another folder"):
+        export_checkpoint(str(tmp_path / "out" / "checkpoint-4"), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="checkpoint-N"):
+        export_checkpoint(str(tmp_path / "out" / kind), str(tmp_path / "x"))
+
+
 def test_checkpoint_limit_prunes_only_after_a_complete_save(tmp_path):
     run(tmp_path, "--checkpoints_total_limit", "2", steps=6)
     assert [s for s, _ in list_checkpoints(tmp_path / "out")] == [4, 6]

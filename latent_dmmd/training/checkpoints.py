@@ -19,6 +19,8 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 CHECKPOINT_CONFIG = "training_config.json"  # the run's resolved config, inside every checkpoint
+CHECKPOINT_PROGRESS = "progress.json"  # step and optimisation seconds so far, summed over every resumed session
+PROGRESS_LOG = "progress.jsonl"  # the same, one line per checkpoint, in the run folder (the learning curve's clock)
 
 
 def _model_fields() -> tuple[str, ...]:
@@ -49,8 +51,10 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None, config: TrainConfig | None = None) -> str:
-    """Save the training state to a temporary folder, rename it into place, then prune.
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None, config: TrainConfig | None = None,
+                    progress: dict | None = None) -> str:
+    """Save the training state to a temporary folder, rename it into place, then prune. ``progress`` (step,
+    optimisation seconds) goes into the checkpoint and, once it is in place, onto the run's ``progress.jsonl``.
 
     A crash at any point leaves either the previous checkpoints intact plus a stray temporary
     folder (ignored and cleaned on the next save) or the new complete checkpoint.
@@ -66,10 +70,16 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
         if config is not None:
             with open(os.path.join(tmp, CHECKPOINT_CONFIG), "w") as f:
                 json.dump(dataclasses.asdict(config), f, indent=2)
+        if progress is not None:
+            with open(os.path.join(tmp, CHECKPOINT_PROGRESS), "w") as f:
+                json.dump(progress, f)
         fsync_tree(tmp)  # a power cut after the rename must not leave 0-byte files behind it
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
+        if progress is not None:
+            with open(os.path.join(output_dir, PROGRESS_LOG), "a") as f:
+                f.write(json.dumps(progress) + "\n")
         if total_limit is not None:
             for _, old in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(old)
@@ -120,6 +130,15 @@ def resolve_resume(config: TrainConfig) -> tuple[int, str | None]:
     if not match or not os.path.isdir(path):
         raise ValueError(f"--resume_from_checkpoint {path}: not a checkpoint-N folder")
     return int(match.group(1)), path
+
+
+def checkpoint_progress(checkpoint: str) -> dict:
+    """What a checkpoint recorded of the run's progress (``{}`` for checkpoints written before it was recorded)."""
+    path = os.path.join(checkpoint, CHECKPOINT_PROGRESS)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def check_resume_config(checkpoint: str, config: TrainConfig) -> dict:

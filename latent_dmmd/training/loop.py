@@ -13,6 +13,7 @@ from ..atomic import RunLock
 from .checkpoints import (
     apply_optimizer_settings,
     check_resume_config,
+    checkpoint_progress,
     claim_output_dir,
     resolve_resume,
     save_checkpoint,
@@ -118,6 +119,12 @@ class Run:
     skipped_images: int = 0
     start: float = dataclasses.field(default_factory=time.time)
     loop_start: float = 0.0
+    optimize_seconds: float = 0.0  # in optimiser steps (data, loss, backward, update, EMA), summed over resumes
+
+    def progress(self) -> dict:
+        """The learning curve's clock: optimisation seconds exclude checkpoints, held-out MMD and validation grids,
+        so that two methods trained side by side compare at equal seconds of training."""
+        return {"step": self.global_step, "optimize_seconds": round(self.optimize_seconds, 2)}
 
     @property
     def dmmd(self) -> bool:
@@ -128,7 +135,7 @@ class Run:
         now = time.time()
         return {"train_seconds": round(now - self.start, 1), "skipped_images": self.skipped_images,
                 "train_loop_seconds": round(now - self.loop_start, 1), "train_steps": self.global_step,
-                "bad_steps": self.bad_total, "num_processes": self.accelerator.num_processes}  # fmt: skip
+                "optimize_seconds": round(self.optimize_seconds, 1), "bad_steps": self.bad_total, "num_processes": self.accelerator.num_processes}  # fmt: skip
 
 
 def prepare_data(config: TrainConfig, accelerator):
@@ -215,6 +222,7 @@ def resume(run: Run) -> None:
         changed = check_resume_config(path, run.config)
         run.accelerator.load_state(path)
         apply_optimizer_settings(run.optimizer, run.lr_scheduler, changed)
+        run.optimize_seconds = float(checkpoint_progress(path).get("optimize_seconds", 0.0))
         logger.info("resumed from %s (step %d)", path, run.global_step)
 
 
@@ -288,7 +296,7 @@ def checkpoint_and_evaluate(run: Run, last: bool) -> None:
     ``--eval_mmd_steps``, a validation grid every ``--validation_steps``."""
     config, step = run.config, run.global_step
     if step % config.checkpointing_steps == 0 or last:
-        save_checkpoint(run.accelerator, config.output_dir, step, config.checkpoints_total_limit, config)
+        save_checkpoint(run.accelerator, config.output_dir, step, config.checkpoints_total_limit, config, run.progress())
     if run.heldout is not None and (step % (config.eval_mmd_steps or config.checkpointing_steps) == 0 or last):
         log_level_mmd(run.accelerator, run.model, run.ema, run.scheduler, run.heldout, config, step)
     if config.validation_steps and step % config.validation_steps == 0 and run.dmmd:
@@ -305,6 +313,7 @@ def train_loop(run: Run) -> None:
     bar = tqdm(total=config.max_train_steps, initial=run.global_step, desc="training",
                disable=not accelerator.is_local_main_process)  # fmt: skip
     run.loop_start, micro, stop = time.time(), 0, False
+    mark = time.perf_counter()
     while run.global_step < config.max_train_steps and not stop:
         epoch = run.global_step // steps_per_epoch
         run.loader.set_epoch(epoch)
@@ -324,12 +333,14 @@ def train_loop(run: Run) -> None:
             if run.ema is not None:
                 run.ema.step(run.model.parameters())
             run.global_step += 1
+            run.optimize_seconds += time.perf_counter() - mark
             bar.update(1)
             log_step(run, out, bar)
             stop = out_of_time(run)
             checkpoint_and_evaluate(run, last=run.global_step == config.max_train_steps or stop)
             if run.global_step >= config.max_train_steps or stop:
                 break
+            mark = time.perf_counter()
     if stop:
         logger.info("wall-clock budget of %.1f min reached at step %d", config.max_train_minutes, run.global_step)
     bar.close()
@@ -355,3 +366,45 @@ def _train(config: TrainConfig, accelerator, report_to: str | None) -> str:
     run = prepare(config, accelerator, report_to)
     train_loop(run)
     return export(run)
+
+
+def export_checkpoint(checkpoint: str, output_dir: str, overrides: list[str] | None = None) -> str:
+    """The exported folder of any ``checkpoint-N`` (a learning curve's point): the checkpoint is linked into
+    ``output_dir`` and resumed there with the configuration it recorded and ``--max_train_steps N``, so no step
+    runs and the usual export follows (EMA weights, reference statistics over the training data, calibrated
+    steps and card for DMMD; ``baseline/`` for DDPM). ``overrides`` are extra flags (e.g. ``--step_size_schedule
+    calibrated``); the run the checkpoint came from is never touched, and may still be training."""
+    import shutil
+    import tempfile
+
+    from .checkpoints import CHECKPOINT_CONFIG, CHECKPOINT_RE
+
+    checkpoint = os.path.normpath(checkpoint)
+    match = CHECKPOINT_RE.match(os.path.basename(checkpoint))
+    recorded = os.path.join(checkpoint, CHECKPOINT_CONFIG)
+    if not match or not os.path.isfile(recorded):
+        raise ValueError(f"{checkpoint} is not a checkpoint-N folder with its {CHECKPOINT_CONFIG}")
+    if os.path.abspath(output_dir) == os.path.abspath(os.path.dirname(checkpoint)):
+        raise ValueError("export a checkpoint into another folder than its run's (the run's own pipeline/ would be replaced)")
+    step = int(match.group(1))
+    os.makedirs(output_dir, exist_ok=True)
+    target = os.path.join(output_dir, os.path.basename(checkpoint))
+    if not os.path.isdir(target):  # hard links where the filesystem allows: no copy of the weights
+        tmp = tempfile.mkdtemp(prefix=".tmp-link-", dir=output_dir)
+        try:
+            shutil.copytree(checkpoint, os.path.join(tmp, "c"), copy_function=_link_or_copy)
+            os.replace(os.path.join(tmp, "c"), target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    flags = ["--config", recorded, "--output_dir", output_dir, "--resume_from_checkpoint", target,
+             "--max_train_steps", str(step), "--report_to", "none", "--push_to_hub", "false", *(overrides or [])]  # fmt: skip
+    return main(flags)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        import shutil
+
+        shutil.copy2(src, dst)

@@ -1,0 +1,190 @@
+"""Learning curves of long training runs (issue 27): FID, KID, precision and recall of DMMD (its default sampler)
+and of the DDPM baseline (DDIM at NFE 20 and 100, ancestral DDPM at 100) against training steps and seconds.
+
+    python benchmarks/curve.py --dmmd_run outputs/curve_fashion32_dmmd --ddpm_run outputs/curve_fashion32_ddpm \\
+        --steps 1000 2000 4000 8000 --reference /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz \\
+        --num_samples 1000 --last_num_samples 2000 --name curve_fashion32
+
+Each point is a checkpoint of a run, exported exactly as the run would have exported had it ended there
+(``latent_dmmd.training.export_checkpoint``: EMA weights, reference statistics over the training data, step sizes
+calibrated on training data). The baseline is scored at the same steps and, for each DMMD point, at its checkpoint
+nearest in optimisation seconds (the ``progress.jsonl`` clock of both runs, trained side by side). Rows are kept in
+``benchmarks/results/<name>.json`` as they are made; a rerun with more ``--steps`` scores only the new points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+import torch
+from common import RESULTS, add_name_arg, add_real_features_arg, add_reference_args, plt, reference_metric, save_figure, write
+
+BASELINE_POINTS = (("ddim", 20), ("ddim", 100), ("ddpm", 100))
+
+
+def progress(run: str) -> dict[int, float]:
+    """``{step: optimisation seconds}`` of a run's checkpoints (its ``progress.jsonl``)."""
+    path = os.path.join(run, "progress.jsonl")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} is missing: the run was not trained with a clock (train it with this version)")
+    with open(path) as f:
+        return {r["step"]: r["optimize_seconds"] for r in map(json.loads, f)}
+
+
+def exported(kind: str, run: str, step: int, scratch: str, overrides: list[str]) -> str:
+    """The exported folder of ``run``'s checkpoint-``step`` (exported once, then reused)."""
+    from latent_dmmd.training import export_checkpoint
+
+    out = os.path.join(scratch, f"{kind}_{os.path.basename(os.path.normpath(run))}_{step}")
+    for kind in ("pipeline", "baseline"):
+        if os.path.isdir(os.path.join(out, kind)):
+            return os.path.join(out, kind)
+    checkpoint = os.path.join(run, f"checkpoint-{step}")
+    if not os.path.isdir(checkpoint):
+        raise SystemExit(f"{checkpoint} does not exist (checkpoints: {sorted(progress(run))})")
+    folder = export_checkpoint(checkpoint, out, overrides)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # the next export builds its own Accelerator
+    return folder
+
+
+def score(images: torch.Tensor, metric) -> dict:
+    metric.reset_fake()
+    metric.update(images, real=False)
+    return metric.compute()
+
+
+def dmmd_row(folder: str, num: int, args, metric) -> dict:
+    from latent_dmmd import DMMDPipeline
+    from latent_dmmd.diagnostics import noise_memory
+    from latent_dmmd.evaluation import generate
+
+    pipe = DMMDPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    particles = {}
+    images, seconds = generate(pipe, num, args.batch_size, args.seed, particles=particles, progress=True)
+    cfg = pipe.scheduler.config
+    return {"nfe": cfg.num_inference_steps * cfg.flow_steps_per_level, "sampler": cfg.step_size_schedule or "constant",
+            "step_size": cfg.step_size, "noise_memory_r2": noise_memory(particles["initial"], particles["final"])["r2"],
+            "seconds_per_image": seconds / num, **score(images, metric)}  # fmt: skip
+
+
+def baseline_rows(folder: str, num: int, args, metric) -> list[dict]:
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from latent_dmmd.autoencoders import load_autoencoder
+    from latent_dmmd.baselines import baseline_scheduler, sample_baseline
+    from latent_dmmd.records import to_uint8
+
+    unet = UNet2DModel.from_pretrained(os.path.join(folder, "unet")).eval()
+    vae = load_autoencoder(os.path.join(folder, "vae")) if os.path.isdir(os.path.join(folder, "vae")) else None
+    betas = DDPMScheduler.from_pretrained(os.path.join(folder, "scheduler"))
+    rows = []
+    for kind, nfe in BASELINE_POINTS:
+        sched = baseline_scheduler(betas, kind, clip_sample_range=args.clip_sample_range, timestep_spacing="trailing")
+        chunks = []
+        for first in range(0, num, args.batch_size):
+            k = min(args.batch_size, num - first)
+            gens = [torch.Generator().manual_seed(args.seed + first + i) for i in range(k)]
+            chunks.append(to_uint8(((sample_baseline(unet, sched, k, nfe, gens, vae) + 1) / 2).clamp(0, 1)))
+        rows.append({"method": kind, "nfe": nfe, "clip_sample_range": args.clip_sample_range, **score(torch.cat(chunks), metric)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def nearest_in_seconds(clock: dict[int, float], seconds: float) -> int:
+    return min(clock, key=lambda s: abs(math.log(clock[s] / seconds)))
+
+
+def plot(rows: list[dict], path: str) -> None:
+    pyplot = plt()
+    fig, axes = pyplot.subplots(1, 3, figsize=(15, 4.2))
+    curves = sorted({(r["method"], r["nfe"]) for r in rows}, key=lambda c: (c[0] != "dmmd", c))
+    for method, nfe in curves:
+        sel = sorted((r for r in rows if (r["method"], r["nfe"]) == (method, nfe)), key=lambda r: r["step"])
+        label = f"{method.upper()} NFE {nfe}"
+        style = "o-" if method == "dmmd" else "s--"
+        axes[0].plot([r["step"] for r in sel], [r["fid"] for r in sel], style, label=label)
+        axes[1].plot([r["train_seconds"] / 3600 for r in sel], [r["fid"] for r in sel], style, label=label)
+        axes[2].plot([r["step"] for r in sel], [r["recall"] for r in sel], style, label=label)
+    axes[0].set(xscale="log", yscale="log", xlabel="training steps", ylabel="FID", title="equal steps")
+    axes[1].set(xscale="log", yscale="log", xlabel="optimisation hours (one thread, side by side)", ylabel="FID",
+                title="equal training time")  # fmt: skip
+    axes[2].set(xscale="log", xlabel="training steps", ylabel="recall (k-NN, k = 3)", ylim=(0, 1))
+    axes[0].legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dmmd_run", required=True, help="output folder of a DMMD run (its checkpoint-N and progress.jsonl)")
+    p.add_argument("--ddpm_run", default=None, help="output folder of the --method ddpm run on the same backbone")
+    p.add_argument("--steps", type=int, nargs="+", required=True, help="DMMD checkpoints to score (their steps)")
+    add_reference_args(p, "held-out reference images")
+    p.add_argument("--num_samples", type=int, default=1000, help="generated images per point")
+    p.add_argument("--last_num_samples", type=int, default=2000, help="generated images at the largest --steps")
+    p.add_argument("--batch_size", type=int, default=250, help="particles per flow / images per sampler call")
+    p.add_argument("--seed", type=int, default=0, help="first per-image seed")
+    p.add_argument("--clip_sample_range", type=float, default=1.0, help="baselines clip predicted x0 to [-r, r] (pixels: 1)")
+    p.add_argument("--export_flags", nargs="*", default=["--step_size_schedule", "calibrated"],
+                   help="flags of the DMMD exports (default: step sizes calibrated on training data, the library's rule)")
+    p.add_argument("--scratch", default="runs/curve", help="folder of the exported checkpoints")
+    add_real_features_arg(p)
+    add_name_arg(p, "curve")
+    args = p.parse_args(argv)
+
+    path = os.path.join(RESULTS, f"{args.name}.json")
+    rows = json.load(open(path))["rows"] if os.path.isfile(path) else []
+    done = {(r["method"], r["step"], r["nfe"], r["num_fake"]) for r in rows}
+    dmmd_clock = progress(args.dmmd_run)
+    ddpm_clock = progress(args.ddpm_run) if args.ddpm_run else {}
+    metric = None
+
+    def save():
+        write(args.name, {"benchmark": "learning curves (issue 27)", "args": vars(args), "rows": rows,
+                          "clock": {"dmmd": dmmd_clock, "ddpm": ddpm_clock}})  # fmt: skip
+        plot(rows, path)
+
+    for step in sorted(args.steps):
+        num = args.last_num_samples if step == max(args.steps) else args.num_samples
+        todo = [("dmmd", args.dmmd_run, step, "equal_steps")]
+        if args.ddpm_run:
+            todo.append(("ddpm", args.ddpm_run, step, "equal_steps"))
+            todo.append(("ddpm", args.ddpm_run, nearest_in_seconds(ddpm_clock, dmmd_clock[step]), "equal_seconds"))
+        for kind, run, at, comparison in todo:
+            nfes = [n for m, n in BASELINE_POINTS] if kind == "ddpm" else [None]
+            if kind == "dmmd" and any(k[:2] == ("dmmd", at) and k[3] == num for k in done):
+                continue
+            if kind == "ddpm" and all(any(k[1:] == (at, n, num) for k in done) for n in nfes):
+                continue
+            clock = dmmd_clock if kind == "dmmd" else ddpm_clock
+            if at not in clock:
+                print(f"skipping {kind} step {at}: no checkpoint yet")
+                continue
+            folder = exported(kind, run, at, args.scratch, args.export_flags if kind == "dmmd" else [])
+            if metric is None:  # at the resolution the DMMD model outputs (decoded, in latent space)
+                from latent_dmmd import DMMDPipeline
+                from latent_dmmd.records import output_resolution
+
+                first = exported("dmmd", args.dmmd_run, step, args.scratch, args.export_flags)
+                metric = reference_metric(args, output_resolution(DMMDPipeline.from_pretrained(first)))
+            base = {"step": at, "train_seconds": clock[at], "num_fake": num, "num_real": len(metric.real_features()),
+                    "comparison": comparison, "folder": folder}  # fmt: skip
+            new = [{"method": "dmmd", **base, **dmmd_row(folder, num, args, metric)}] if kind == "dmmd" else [
+                {**r, **base} for r in baseline_rows(folder, num, args, metric)]  # fmt: skip
+            for r in new:
+                print(json.dumps(r), flush=True)
+                done.add((r["method"], r["step"], r["nfe"], r["num_fake"]))
+            rows += new
+            save()
+    if rows:
+        save()
+    return rows
+
+
+if __name__ == "__main__":
+    main()
