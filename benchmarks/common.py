@@ -40,11 +40,12 @@ def timeit_pair(a, b, repeats: int = 5, warmup: int = 1) -> tuple[dict, dict]:
     return summary(ta), summary(tb)
 
 
-def add_reference_args(p, what: str = "reference images", count: int | None = None, prefix: str = "reference") -> None:
+def add_reference_args(p, what: str = "reference images", count: int | None = None, prefix: str = "reference",
+                       required: bool = True) -> None:
     """``--reference`` (folder or IDX file), ``--reference_first_index``, ``--reference_count``; ``prefix="data"``
     spells them ``--data``, ``--first_index``, ``--count``."""
     names = (prefix, f"{prefix}_first_index", f"{prefix}_count") if prefix == "reference" else (prefix, "first_index", "count")
-    p.add_argument(f"--{names[0]}", required=True, help=f"{what} (folder or IDX file)")
+    p.add_argument(f"--{names[0]}", required=required, help=f"{what} (folder or IDX file)")
     p.add_argument(f"--{names[1]}", type=int, default=0, help="index of the first image used")
     p.add_argument(f"--{names[2]}", type=int, default=count, help="images used" + ("" if count else " (default: all)"))
 

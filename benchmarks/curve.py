@@ -20,7 +20,16 @@ import math
 import os
 
 import torch
-from common import RESULTS, add_name_arg, add_real_features_arg, add_reference_args, plt, reference_metric, save_figure, write
+from common import (
+    RESULTS,
+    add_name_arg,
+    add_real_features_arg,
+    add_reference_args,
+    plt,
+    reference_metric,
+    save_figure,
+    write,
+)
 
 BASELINE_POINTS = (("ddim", 20), ("ddim", 100), ("ddpm", 100))
 
@@ -39,9 +48,9 @@ def exported(kind: str, run: str, step: int, scratch: str, overrides: list[str])
     from latent_dmmd.training import export_checkpoint
 
     out = os.path.join(scratch, f"{kind}_{os.path.basename(os.path.normpath(run))}_{step}")
-    for kind in ("pipeline", "baseline"):
-        if os.path.isdir(os.path.join(out, kind)):
-            return os.path.join(out, kind)
+    for folder in ("pipeline", "baseline"):
+        if os.path.isdir(os.path.join(out, folder)):
+            return os.path.join(out, folder)
     checkpoint = os.path.join(run, f"checkpoint-{step}")
     if not os.path.isdir(checkpoint):
         raise SystemExit(f"{checkpoint} does not exist (checkpoints: {sorted(progress(run))})")
@@ -138,7 +147,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
 
     path = os.path.join(RESULTS, f"{args.name}.json")
-    rows = json.load(open(path))["rows"] if os.path.isfile(path) else []
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = json.load(f)["rows"]
     done = {(r["method"], r["step"], r["nfe"], r["num_fake"]) for r in rows}
     dmmd_clock = progress(args.dmmd_run)
     ddpm_clock = progress(args.ddpm_run) if args.ddpm_run else {}

@@ -7,7 +7,7 @@
 For every pipeline: the held-out paired MMD²_t at every sampling level, the witness-gradient norm and the share of the path at each sampling level,
 the feature gap |mean phi(x, t_k) - m_P(t_k)| of the samples beside that of held-out data, the R²
 of the final particles on their own starting noise, and the effective-noise trace (energy
-distance to the forward marginals). Writes benchmarks/results/<name>.{json,png} and
+distance to the forward marginals) with the adaptive grid it suggests. Writes benchmarks/results/<name>.{json,png} and
 <name>_effective_noise.png.
 """
 
@@ -51,7 +51,13 @@ def main():
     args = p.parse_args()
 
     from latent_dmmd import DMMDPipeline
-    from latent_dmmd.diagnostics import flow_report, plot_effective_noise, plot_flow_report, trace_effective_noise
+    from latent_dmmd.diagnostics import (
+        adaptive_grid,
+        flow_report,
+        plot_effective_noise,
+        plot_flow_report,
+        trace_effective_noise,
+    )
     from latent_dmmd.training import level_mmd
 
     data = heldout_particles(args.data, args.first_index, args.count, args.resolution, args.vae, args.channels)
@@ -69,6 +75,9 @@ def main():
         trace = trace_effective_noise(pipe, data, num_images=args.num_images, seed=args.seed, **call)
         traces[name] = {"scheduled": trace["scheduled"], "effective": trace["effective"]}
         reports[name]["effective_noise"] = traces[name]
+        # the grid that puts each level where the particles effectively are: sweep it with
+        # benchmarks/sweep.py --statistics_data ... --arm "adaptive:timesteps=<the levels joined by />"
+        reports[name]["adaptive_grid"] = adaptive_grid(trace["scheduled"], trace["effective"], t_min=pipe.scheduler.config.t_min)
         reports[name]["folder"] = folder
         print(name, json.dumps({k: v for k, v in reports[name].items() if k != "folder"}), flush=True)
     path = write(args.name, {"benchmark": "flow diagnostics", "args": vars(args), "heldout_samples": len(data),

@@ -62,18 +62,30 @@ def sweep(record) -> str:
 
 
 def remedies(record) -> str:
-    base = next((r for r in record["rows"] if r["label"] == record["args"].get("baseline", "plain")), None)
+    """sampler_remedies.py and sweep.py rows (a sweep scored by energy distance only has no FID columns)."""
+    baseline = record["args"].get("baseline", "plain")
+    base = next((r for r in record["rows"] if r["label"] == baseline and "fid" in r), None)
+    has_fid = any("fid" in r for r in record["rows"])
+    has_energy = any("energy_distance_train" in r for r in record["rows"])
     rows = []
     for r in record["rows"]:
-        versus = ["—", "—"]
-        if base is not None and r is not base:
-            versus = [f"{100 * (r['fid'] / base['fid'] - 1):+.1f} %",
-                      "—" if not base["recall"] else f"{r['recall'] / base['recall']:.1f}×"]  # fmt: skip
-        rows.append([r["label"], r["model"], r["nfe"], r["forward_equivalents"], fmt(r["fid"]),
-                     f"{r['kid']:.4f} ± {r['kid_std']:.4f}", fmt(r["precision"], 3), fmt(r["recall"], 3), *versus,
-                     f"{r['noise_memory_r2']:.2f}", fmt(r["seconds_per_image"], 3)])  # fmt: skip
-    return table(["arm", "model", "NFE", "forward-equiv.", "FID", "KID", "precision", "recall", "FID vs plain",
-                  "recall vs plain", "R² on noise", "s / image"], rows)  # fmt: skip
+        cells = [r["label"], r["model"], r["nfe"], r["forward_equivalents"]]
+        if has_fid:
+            versus = ["—", "—"]
+            if base is not None and r is not base:
+                versus = [f"{100 * (r['fid'] / base['fid'] - 1):+.1f} %",
+                          "—" if not base["recall"] else f"{r['recall'] / base['recall']:.1f}×"]  # fmt: skip
+            cells += [fmt(r["fid"]), f"{r['kid']:.4f} ± {r['kid_std']:.4f}", fmt(r["precision"], 3), fmt(r["recall"], 3),
+                      *versus]  # fmt: skip
+        if has_energy:
+            cells.append(fmt(r.get("energy_distance_train"), 4))
+        rows.append([*cells, f"{r['noise_memory_r2']:.2f}", fmt(r["seconds_per_image"], 3)])
+    header = ["arm", "model", "NFE", "forward-equiv."]
+    if has_fid:
+        header += ["FID", "KID", "precision", "recall", f"FID vs {baseline}", f"recall vs {baseline}"]
+    if has_energy:
+        header.append("energy distance (train)")
+    return table([*header, "R² on noise", "s / image"], rows)
 
 
 def step_size(record) -> str:
@@ -98,15 +110,34 @@ def selection(record) -> str:
     return table(["model", "step-size schedule", "eta", "energy distance to training latents"], rows)
 
 
+def renderer(record):
+    """The table renderer of a results record, or None (records with their own report, e.g. convergence.py --report)."""
+    kind = record.get("benchmark", "")
+    if kind.startswith("FID/KID vs NFE"):
+        return quality
+    if kind.startswith("step size"):
+        return step_size
+    if kind == "flow diagnostics":
+        return flow
+    if kind.startswith("DDPM baseline"):
+        return epsilon_mse
+    if kind.startswith("sampler selection"):
+        return selection
+    if kind.startswith(("sampler remedies", "sampler sweep")):
+        return remedies
+    if record.get("rows") and all("label" in r and "fid" in r for r in record["rows"]):
+        return sweep  # the former options_sweep / diffflow_sweep records
+    return None
+
+
 def main():
     for name in sys.argv[1:]:
         with open(os.path.join(RESULTS, name + ".json")) as f:
             record = json.load(f)
-        kind = record["benchmark"]
-        render = (quality if kind.startswith("FID/KID vs NFE") else step_size if kind.startswith("step size")
-                  else flow if kind == "flow diagnostics" else epsilon_mse if kind.startswith("DDPM baseline")
-                  else selection if kind.startswith("sampler selection")
-                  else remedies if kind.startswith("sampler remedies") else sweep)  # fmt: skip
+        render = renderer(record)
+        if render is None:
+            print(f"### {name}\n\n(no table here: the script that wrote it renders it, e.g. its --report flag)\n")
+            continue
         print(f"### {name}\n\n{render(record)}\n")
 
 

@@ -86,7 +86,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def _load_pipeline(model: str, vae: str | None = None):
     from .pipelines import DMMDPipeline
-    from .pipelines.pipeline_dmmd import looks_like_local_path
+    from .pipelines.folders import looks_like_local_path
 
     if not os.path.isdir(model) and looks_like_local_path(model):
         raise UserError(f"no such folder: {model} (and it is not a Hub id of the form user/name)")

@@ -1,3 +1,4 @@
-from .pipeline_dmmd import DMMDPipeline, write_loader_shim
+from .folders import write_loader_shim
+from .pipeline_dmmd import DMMDPipeline
 
 __all__ = ["DMMDPipeline", "write_loader_shim"]

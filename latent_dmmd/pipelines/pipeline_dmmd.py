@@ -6,8 +6,6 @@ VAE decodes at the end). The particle loop itself is ``latent_dmmd.flow.sample_f
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 from collections.abc import Callable
 
@@ -22,10 +20,8 @@ from ..flow import data_reference, sample_flow
 from ..models import DMMDDiscriminator
 from ..safety import check_pipeline_folder, drop_local_paths, write_checksums
 from ..schedulers import DMMDScheduler
-
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-# Files a pipeline folder needs; anything else in a Hub repo (pickles, training state) is not fetched.
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.txt", "*.png", "pipeline.py"]  # never pickles
+from .checks import check_call_inputs, check_flow_options
+from .folders import HUB_ALLOW_PATTERNS, looks_like_local_path, write_loader_shim
 
 
 class DMMDPipeline(DiffusionPipeline):
@@ -138,51 +134,6 @@ class DMMDPipeline(DiffusionPipeline):
         c = self.discriminator.config
         return (c.in_channels, c.sample_size, c.sample_size)
 
-    def _check_inputs(self, num_images, generator, latents, output_type, callback_tensor_inputs):
-        if torch.is_inference_mode_enabled():
-            raise ValueError(
-                "DMMDPipeline cannot run under torch.inference_mode(): the flow needs the input gradient of the "
-                "discriminator; call it outside inference_mode (no_grad is fine)"
-            )
-        if not _is_int(num_images) or num_images < 1:
-            raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
-        if isinstance(generator, list) and len(generator) != num_images:
-            raise ValueError(f"got a list of {len(generator)} generators for num_images={num_images}; give one per image")
-        gens = generator if isinstance(generator, list) else [generator]
-        wrong = [type(g).__name__ for g in gens if g is not None and not isinstance(g, torch.Generator)]
-        if wrong or (isinstance(generator, list) and None in generator):
-            raise ValueError(f"generator must be a torch.Generator or a list of them, got {wrong[0] if wrong else 'None'} "
-                             f"in it; seed one with torch.Generator().manual_seed(seed)")  # fmt: skip
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if latents is not None:
-            expected = (num_images, *self.particle_shape)
-            if not torch.is_tensor(latents) or not latents.is_floating_point():
-                raise ValueError(f"latents must be a floating-point tensor of shape {expected}")
-            if tuple(latents.shape) != expected:
-                raise ValueError(
-                    f"latents have shape {tuple(latents.shape)} but the discriminator expects {expected} "
-                    f"(num_images, channels, height, width)"
-                )
-        bad = [k for k in callback_tensor_inputs if k not in self._callback_tensor_inputs]
-        if bad:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {bad} not in {self._callback_tensor_inputs}")
-        stored_vae = self.discriminator.config.reference_vae
-        if self.vae is None and stored_vae is not None and output_type != "latent":
-            raise ValueError(
-                f"this model flows in the latent space of a {stored_vae['class']} autoencoder, which its folder does "
-                f"not contain: load it and pass it, DMMDPipeline.from_pretrained(folder, vae=...) (the model card "
-                f"says how), or ask for output_type='latent'"
-            )
-        if self.vae is not None:
-            self.discriminator.check_vae(self.vae)
-            latent_channels = self.vae.config.latent_channels
-            if latent_channels != self.particle_shape[0]:
-                raise ValueError(
-                    f"the VAE has {latent_channels} latent channels but the discriminator expects "
-                    f"{self.particle_shape[0]}: they were not trained together"
-                )
-
     # ------------------------------------------------------------------ sampling
     def _score_function(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """``grad log p_t(z) = -eps_hat(z, t) / sigma_t`` from the epsilon-prediction score model."""
@@ -264,24 +215,18 @@ class DMMDPipeline(DiffusionPipeline):
 
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        self._check_inputs(num_images, generator, latents, output_type, callback_on_step_end_tensor_inputs)
+        check_call_inputs(self, num_images, generator, latents, output_type, callback_on_step_end_tensor_inputs)
         device = self._execution_device
         disc, sched = self.discriminator, self.scheduler
         flow_steps = sched.config.flow_steps_per_level if flow_steps_per_level is None else flow_steps_per_level
-        if not _is_int(flow_steps) or flow_steps < 1:
-            raise ValueError(f"flow_steps_per_level must be an integer >= 1, got {flow_steps!r}")
-        for name, value in (("step_size", step_size), ("noise_scale", noise_scale), ("noise_injection", noise_injection),
-                            ("score_weight", score_weight)):  # fmt: skip
-            if value is not None and not (_is_real(value) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if step_size is not None and step_size <= 0:
-            raise ValueError(f"step_size must be > 0, got {step_size!r}: a zero step leaves the particles where they start")
-        if score_weight is not None and score_weight > 1:
-            raise ValueError(f"score_weight must lie in [0, 1], got {score_weight!r}")
+        check_flow_options(flow_steps, step_size=step_size, noise_scale=noise_scale, noise_injection=noise_injection,
+                           score_weight=score_weight)  # fmt: skip
         sched.set_timesteps(num_inference_steps, device=device, timesteps=timesteps)
         timesteps = sched.timesteps
         final_denoise = final_denoise or sched.config.final_denoise
-        self._num_timesteps = len(timesteps) * int(flow_steps) + (sched.config.final_denoise_steps if final_denoise == "flow" else 0)
+        self._num_timesteps = len(timesteps) * int(flow_steps) + (
+            sched.config.final_denoise_steps if final_denoise == "flow" else 0
+        )
         self._interrupt = False
         if final_denoise not in ("none", "tweedie", "flow"):
             raise ValueError(f"final_denoise={final_denoise!r} is not supported; choose 'none', 'tweedie' or 'flow'")
@@ -333,7 +278,9 @@ class DMMDPipeline(DiffusionPipeline):
             if callback_on_step_end is None:
                 return None
             tensors = {"latents": z}
-            out = callback_on_step_end(self, step, t, {name: tensors[name] for name in callback_on_step_end_tensor_inputs})
+            out = callback_on_step_end(
+                self, step, t, {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+            )
             return (out or {}).get("latents")
 
         z = sample_flow(
@@ -367,35 +314,3 @@ class DMMDPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
-
-
-def _is_int(value) -> bool:
-    """A Python or NumPy integer (not a bool)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    """A Python or NumPy real number (not a bool)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def looks_like_local_path(name: str) -> bool:
-    """A name meant as a folder rather than a Hub id: starts like a path, has more than one ``/``,
-    exists as a file, or its first component is a folder here (``models/fashion-mnist-dmm``)."""
-    if name.startswith((".", "/", "~")) or name.count("/") != 1 or os.path.exists(name) or os.sep != "/" and os.sep in name:
-        return True
-    return os.path.isdir(name.split("/")[0])
-
-
-SHIM = '''"""Loader shim: lets plain diffusers load this folder with `custom_pipeline` and
-`trust_remote_code=True`. It only imports the installed `latent_dmmd` package."""
-from latent_dmmd import DMMDPipeline  # noqa: F401
-'''
-
-
-def write_loader_shim(folder: str | os.PathLike) -> str:
-    """Write ``pipeline.py`` (the one-line shim) into a saved pipeline folder."""
-    path = os.path.join(folder, "pipeline.py")
-    with open(path, "w") as f:
-        f.write(SHIM)
-    return path
