@@ -14,9 +14,10 @@ import importlib.util
 import sys
 
 __version__ = "0.1.0"
-__all__ = ["DMMDDiscriminator", "DMMDPipeline", "DMMDScheduler", "__version__"]
+__all__ = ["DMMDDiscriminator", "DMMDGenerator", "DMMDPipeline", "DMMDScheduler", "__version__"]
 
-_COMPONENTS = {"DMMDDiscriminator": ".models", "DMMDPipeline": ".pipelines", "DMMDScheduler": ".schedulers"}
+_COMPONENTS = {"DMMDDiscriminator": ".models", "DMMDGenerator": ".models", "DMMDPipeline": ".pipelines",
+               "DMMDScheduler": ".schedulers"}  # fmt: skip
 
 
 def __getattr__(name: str):

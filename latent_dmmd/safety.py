@@ -189,9 +189,9 @@ def _model_class(name: str | None):
     if name is None:
         return None
     from .autoencoders import TAEF2
-    from .models import DMMDDiscriminator
+    from .models import DMMDDiscriminator, DMMDGenerator
 
-    ours = {"DMMDDiscriminator": DMMDDiscriminator, "TAEF2": TAEF2}
+    ours = {"DMMDDiscriminator": DMMDDiscriminator, "DMMDGenerator": DMMDGenerator, "TAEF2": TAEF2}
     if name in ours:
         return ours[name]
     import diffusers

@@ -1,3 +1,4 @@
 from .discriminator import DMMDDiscriminator
+from .generator import DMMDGenerator
 
-__all__ = ["DMMDDiscriminator"]
+__all__ = ["DMMDDiscriminator", "DMMDGenerator"]

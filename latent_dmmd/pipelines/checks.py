@@ -49,6 +49,10 @@ def check_call_inputs(pipe, num_images, generator, latents, output_type, callbac
             f"not contain: load it and pass it, DMMDPipeline.from_pretrained(folder, vae=...) (the model card "
             f"says how), or ask for output_type='latent'"
         )
+    one_step = getattr(pipe, "generator", None)
+    if one_step is not None and tuple(one_step.particle_shape) != tuple(pipe.particle_shape):
+        raise ValueError(f"the one-step generator makes {tuple(one_step.particle_shape)} particles but the discriminator "
+                         f"takes {tuple(pipe.particle_shape)}: they were not trained together")  # fmt: skip
     if pipe.vae is not None:
         pipe.discriminator.check_vae(pipe.vae)
         latent_channels = pipe.vae.config.latent_channels

@@ -35,15 +35,19 @@ class DMMDPipeline(DiffusionPipeline):
         score_model: optional epsilon-prediction ``UNet2DModel`` trained on the same forward
             process and particle space (the DDPM baseline): the data score of the DiffFlow
             sampler's ``noise_mode="score"`` (method §7).
+        generator: optional ``DMMDGenerator`` trained from this model (method §10): when present, a call
+            samples in one network evaluation (``use_generator=False`` runs the particle flow instead).
     """
 
-    model_cpu_offload_seq = "discriminator->score_model->vae"
-    _optional_components = ["vae", "score_model"]
+    model_cpu_offload_seq = "generator->discriminator->score_model->vae"
+    _optional_components = ["vae", "score_model", "generator"]
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, discriminator: DMMDDiscriminator, scheduler: DMMDScheduler, vae=None, score_model=None):
+    def __init__(self, discriminator: DMMDDiscriminator, scheduler: DMMDScheduler, vae=None, score_model=None,
+                 generator=None):  # fmt: skip
         super().__init__()
-        self.register_modules(discriminator=discriminator, scheduler=scheduler, vae=vae, score_model=score_model)
+        self.register_modules(discriminator=discriminator, scheduler=scheduler, vae=vae, score_model=score_model,
+                              generator=generator)  # fmt: skip
         self.image_processor = VaeImageProcessor(do_normalize=True)
 
     # ------------------------------------------------------------------ loading
@@ -178,6 +182,7 @@ class DMMDPipeline(DiffusionPipeline):
         score_weight: float | None = None,
         noise_injection: float | None = None,
         final_denoise: str | None = None,
+        use_generator: bool | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate ``num_images`` images.
 
@@ -210,6 +215,9 @@ class DMMDPipeline(DiffusionPipeline):
             final_denoise: ``"none"``, ``"tweedie"`` (one denoising step with ``score_model`` at the last
                 level) or ``"flow"`` (the scheduler's ``final_denoise_steps`` more flow steps there);
                 default: the scheduler config.
+            use_generator: sample with the pipeline's one-step ``generator`` (default: when it has one) instead
+                of the particle flow: one network evaluation per image, samples independent of their batch;
+                the flow's options above are then unused.
         """
         from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
@@ -217,6 +225,16 @@ class DMMDPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         check_call_inputs(self, num_images, generator, latents, output_type, callback_on_step_end_tensor_inputs)
         device = self._execution_device
+        one_step = getattr(self, "generator", None)
+        if use_generator and one_step is None:
+            raise ValueError("use_generator=True but this pipeline has no one-step generator (scripts/train_generator.py "
+                             "trains one from it)")  # fmt: skip
+        if one_step is not None and use_generator is not False:
+            if latents is None:
+                latents = randn_tensor((num_images, *self.particle_shape), generator=generator, device=device)
+            self._num_timesteps = 1
+            z = one_step(latents.to(device, one_step.dtype)).float()
+            return self._finish(z, output_type, return_dict)
         disc, sched = self.discriminator, self.scheduler
         flow_steps = sched.config.flow_steps_per_level if flow_steps_per_level is None else flow_steps_per_level
         check_flow_options(flow_steps, step_size=step_size, noise_scale=noise_scale, noise_injection=noise_injection,
@@ -305,6 +323,10 @@ class DMMDPipeline(DiffusionPipeline):
             alpha, sigma = (float(v) for v in sched.alpha_sigma(t_last))
             z = (z + sigma**2 * tweedie(z, t_last)) / alpha
 
+        return self._finish(z, output_type, return_dict)
+
+    def _finish(self, z: torch.Tensor, output_type: str, return_dict: bool):
+        """Particles to the requested output: raw (``latent``), or decoded and post-processed images."""
         if output_type == "latent":
             images = z
         else:

@@ -321,15 +321,18 @@ def _yaml_scalar(path: str, key: str, value, kind):
 
 def build_parser(prog: str | None = None, parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
     """The training flags (one per ``TrainConfig`` field; ``--a_b`` and ``--a-b`` both work)."""
+    return dataclass_parser(TrainConfig, "Train a DMMD discriminator (pixel or latent space). Flags override the YAML "
+                            "--config.", prog, parents)  # fmt: skip
+
+
+def dataclass_parser(cls, description: str, prog: str | None = None, parents: Sequence[argparse.ArgumentParser] = ()):
+    """A parser with ``--config`` (YAML) and one flag per field of the config dataclass ``cls`` (its help from the
+    field's metadata)."""
     from ..argparsing import FlagParser
 
-    parser = FlagParser(
-        prog=prog,
-        parents=list(parents),
-        description="Train a DMMD discriminator (pixel or latent space). Flags override the YAML --config.",
-    )
+    parser = FlagParser(prog=prog, parents=list(parents), description=description)
     parser.add_argument("--config", help="YAML file whose keys are the flag names below")
-    for f in fields(TrainConfig):
+    for f in fields(cls):
         meta = dict(f.metadata)
         kwargs = {"help": meta.pop("help"), "default": argparse.SUPPRESS}
         if "nargs" in meta:
@@ -347,7 +350,12 @@ def build_parser(prog: str | None = None, parents: Sequence[argparse.ArgumentPar
 
 def load_config(argv: list[str] | None = None, prog: str | None = None) -> TrainConfig:
     """YAML config, then CLI overrides; unknown YAML keys are an error naming the key."""
-    args = vars(build_parser(prog).parse_args(argv))
+    return load_dataclass_config(TrainConfig, build_parser(prog), argv)
+
+
+def load_dataclass_config(cls, parser: argparse.ArgumentParser, argv: list[str] | None = None):
+    """``cls`` from a YAML ``--config`` with the flags of ``parser`` over it, typed and validated (``validate()``)."""
+    args = vars(parser.parse_args(argv))
     values: dict = {}
     config_path = args.pop("config", None)
     if config_path:
@@ -358,15 +366,15 @@ def load_config(argv: list[str] | None = None, prog: str | None = None) -> Train
                 raise ValueError(f"{config_path} is not valid YAML: {str(err).splitlines()[0]}") from err
         if not isinstance(values, dict):
             raise ValueError(f"{config_path} must be a mapping of flag names to values")
-        known = {f.name for f in fields(TrainConfig)}
+        known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             hints = [f"{k} (spell it {k.replace('-', '_')})" if k.replace("-", "_") in known else k for k in unknown]
             raise ValueError(f"unknown key(s) in {config_path}: {', '.join(hints)}")
-        by_name = {f.name: f for f in fields(TrainConfig)}
+        by_name = {f.name: f for f in fields(cls)}
         values = {key: _yaml_value(config_path, key, value, by_name[key]) for key, value in values.items()}
     values.update(args)
-    config = TrainConfig(**values)
+    config = cls(**values)
     config.validate()
     return config
 
