@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 
 import torch
 from common import (
@@ -92,15 +93,16 @@ def baseline_rows(folder: str, num: int, args, metric) -> list[dict]:
     unet = UNet2DModel.from_pretrained(os.path.join(folder, "unet")).eval()
     vae = load_autoencoder(os.path.join(folder, "vae")) if os.path.isdir(os.path.join(folder, "vae")) else None
     betas = DDPMScheduler.from_pretrained(os.path.join(folder, "scheduler"))
+    clip = args.clip_sample_range if args.clip_sample_range is not None else (1.0 if vae is None else None)
     rows = []
     for kind, nfe in BASELINE_POINTS:
-        sched = baseline_scheduler(betas, kind, clip_sample_range=args.clip_sample_range, timestep_spacing="trailing")
+        sched = baseline_scheduler(betas, kind, clip_sample_range=clip, timestep_spacing="trailing")
         chunks = []
         for first in range(0, num, args.batch_size):
             k = min(args.batch_size, num - first)
             gens = [torch.Generator().manual_seed(args.seed + first + i) for i in range(k)]
             chunks.append(to_uint8(((sample_baseline(unet, sched, k, nfe, gens, vae) + 1) / 2).clamp(0, 1)))
-        rows.append({"method": kind, "nfe": nfe, "clip_sample_range": args.clip_sample_range, **score(torch.cat(chunks), metric)})
+        rows.append({"method": kind, "nfe": nfe, "clip_sample_range": clip, **score(torch.cat(chunks), metric)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -138,9 +140,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--last_num_samples", type=int, default=2000, help="generated images at the largest --steps")
     p.add_argument("--batch_size", type=int, default=250, help="particles per flow / images per sampler call")
     p.add_argument("--seed", type=int, default=0, help="first per-image seed")
-    p.add_argument("--clip_sample_range", type=float, default=1.0, help="baselines clip predicted x0 to [-r, r] (pixels: 1)")
-    p.add_argument("--export_flags", nargs="*", default=["--step_size_schedule", "calibrated"],
-                   help="flags of the DMMD exports (default: step sizes calibrated on training data, the library's rule)")
+    p.add_argument("--clip_sample_range", type=float, default=None,
+                   help="baselines clip predicted x0 to [-r, r] (default: 1 for pixel models, no clipping in latent space)")
+    p.add_argument("--export_flags", default="--step_size_schedule calibrated",
+                   help="training flags of the DMMD exports, one string (default: step sizes calibrated on training "
+                        "data, the library's rule; e.g. add --reference_max_samples 2000 for cheaper statistics)")
     p.add_argument("--scratch", default="runs/curve", help="folder of the exported checkpoints")
     add_real_features_arg(p)
     add_name_arg(p, "curve")
@@ -177,12 +181,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if at not in clock:
                 print(f"skipping {kind} step {at}: no checkpoint yet")
                 continue
-            folder = exported(kind, run, at, args.scratch, args.export_flags if kind == "dmmd" else [])
+            folder = exported(kind, run, at, args.scratch, shlex.split(args.export_flags) if kind == "dmmd" else [])
             if metric is None:  # at the resolution the DMMD model outputs (decoded, in latent space)
                 from latent_dmmd import DMMDPipeline
                 from latent_dmmd.records import output_resolution
 
-                first = exported("dmmd", args.dmmd_run, step, args.scratch, args.export_flags)
+                first = exported("dmmd", args.dmmd_run, step, args.scratch, shlex.split(args.export_flags))
                 metric = reference_metric(args, output_resolution(DMMDPipeline.from_pretrained(first)))
             base = {"step": at, "train_seconds": clock[at], "num_fake": num, "num_real": len(metric.real_features()),
                     "comparison": comparison, "folder": folder}  # fmt: skip

@@ -10,6 +10,13 @@ at the config's T x N_s and decodes them with TAEF2; s/image includes the decode
 warm-up call. Peak memory is ``torch.cuda.max_memory_allocated`` of each phase. Writes
 benchmarks/results/<name>.json. Without CUDA it stops with a message, unless ``--allow_cpu`` (a smoke
 run of the script itself, e.g. with configs/debug_cpu.yaml and a handful of steps).
+
+``--curve_steps 1000 2000 4000 8000`` produces the 256² learning curve of issue 27 in one command instead: DMMD
+trained to the last step with a checkpoint at each, DDPM on the same backbone for the same wall-clock (at least the
+same steps), then ``benchmarks/curve.py`` on both (FID/KID/precision/recall against the 500 held-out faces, DMMD
+with calibrated step sizes, DDIM at NFE 20/100 and DDPM at 100), into benchmarks/results/<name>_curve.json:
+
+    python benchmarks/gpu_256.py --curve_steps 1000 2000 4000 8000 --name gpu_256_h100
 """
 
 from __future__ import annotations
@@ -40,6 +47,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--output_dir", default="outputs/gpu_256", help="training output folder (replaced)")
     p.add_argument("--latent_cache_dir", default=None, help="latent cache (default: inside --output_dir)")
     p.add_argument("--allow_cpu", action="store_true", help="run without CUDA (a smoke run, not a measurement)")
+    p.add_argument("--curve_steps", type=int, nargs="*", default=[],
+                   help="learning curve: DMMD checkpoints to score against DDPM (replaces the timing run)")
+    p.add_argument("--curve_samples", type=int, default=2000, help="generated images at the last curve point")
+    p.add_argument("--reference", default="../shared/data/celebahq256/images", help="held-out faces of the curve")
+    p.add_argument("--reference_first_index", type=int, default=3500)
+    p.add_argument("--reference_count", type=int, default=500)
     p.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="further training flags, last")
     add_name_arg(p, "gpu_256")
     args = p.parse_args(argv)
@@ -52,6 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     from latent_dmmd.training import main as train
 
     cache = args.latent_cache_dir or os.path.join(args.output_dir, "latent_cache")
+    if args.curve_steps:
+        return curve(args, cache, cuda)
     flags = ["--config", args.config, "--max_train_steps", str(args.steps), "--output_dir", args.output_dir,
              "--overwrite_output_dir", "--validation_steps", "0", "--checkpointing_steps", str(args.steps),
              "--latent_cache_dir", cache, "--report_to", "none", *args.train_args]  # fmt: skip
@@ -86,6 +101,36 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(record, indent=2))
     write(args.name, {"benchmark": "256x256 config on a GPU", "args": vars(args), **record})
     return record
+
+
+def curve(args, cache: str, cuda: bool) -> dict:
+    """DMMD and DDPM on the config's backbone, then their learning curves (benchmarks/curve.py)."""
+    from accelerate.state import AcceleratorState
+
+    import curve as curve_benchmark
+    from latent_dmmd.training import main as train
+
+    steps = sorted(args.curve_steps)
+    every = steps[0] if all(s % steps[0] == 0 for s in steps) else 1
+    common = ["--config", args.config, "--latent_cache_dir", cache, "--overwrite_output_dir", "--validation_steps", "0",
+              "--report_to", "none", "--checkpointing_steps", str(every), "--checkpoints_total_limit", "10000",
+              *([] if cuda else ["--mixed_precision", "no"]), *args.train_args]  # fmt: skip
+    runs = {m: f"{args.output_dir}_{m}" for m in ("dmmd", "ddpm")}
+    train([*common, "--max_train_steps", str(steps[-1]), "--output_dir", runs["dmmd"]])
+    AcceleratorState._reset_state(True)
+    with open(os.path.join(runs["dmmd"], "training_summary.json")) as f:
+        minutes = json.load(f)["train_loop_seconds"] / 60
+    # the baseline for the same wall-clock (equal seconds), and at least to DMMD's last step (equal steps)
+    train([*common, "--method", "ddpm", "--max_train_steps", str(100 * steps[-1]), "--output_dir", runs["ddpm"],
+           "--max_train_minutes", str(minutes)])  # fmt: skip
+    AcceleratorState._reset_state(True)
+    rows = curve_benchmark.main([
+        "--dmmd_run", runs["dmmd"], "--ddpm_run", runs["ddpm"], "--steps", *map(str, steps), "--reference", args.reference,
+        "--reference_first_index", str(args.reference_first_index), "--reference_count", str(args.reference_count),
+        "--num_samples", str(max(1, args.curve_samples // 2)), "--last_num_samples", str(args.curve_samples),
+        "--scratch", os.path.join(args.output_dir, "curve"), "--name", f"{args.name}_curve",
+    ])  # fmt: skip
+    return {"device": torch.cuda.get_device_name() if cuda else "cpu (smoke run)", "rows": rows}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """DMMDGenerator: a one-step generator ``x = G(z)`` in particle space, trained from a DMMD model (method §10).
 
 A diffusers ``UNet2DModel`` evaluated at one fixed timestep maps a noise draw ``z`` (the flow's initial particles,
-same shape) to a sample: one network evaluation instead of the flow's T·N_s forward-backward pairs. It is an
+same shape) to the displacement of a sample from it, ``x = z + UNet(z)``, so that, like the flow, it starts from
+the noise's spread (a generator whose outputs all start at one point follows a local field to one mode): one network evaluation instead of the flow's T·N_s forward-backward pairs. It is an
 optional component of a pipeline folder, like the autoencoder; ``scripts/train_generator.py`` trains it.
 """
 
@@ -14,7 +15,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 
 class DMMDGenerator(ModelMixin, ConfigMixin):
-    """One-step generator ``G(z) -> x`` with ``z ~ N(0, I)`` of the particles' shape.
+    """One-step generator ``G(z) = z + UNet(z, timestep)`` with ``z ~ N(0, I)`` of the particles' shape.
 
     Args:
         sample_size, in_channels: the particles' shape (pixels, or latent cells in latent space).
@@ -62,4 +63,4 @@ class DMMDGenerator(ModelMixin, ConfigMixin):
         if tuple(z.shape[1:]) != self.particle_shape:
             raise ValueError(f"the generator takes noise of shape (N, {self.particle_shape}), got {tuple(z.shape)}")
         t = torch.full((z.shape[0],), self.config.timestep, device=z.device, dtype=torch.long)
-        return self.unet(z.to(self.dtype), t).sample
+        return z.to(self.dtype) + self.unet(z.to(self.dtype), t).sample
