@@ -157,31 +157,10 @@ def score_arm(pipe, arm, metric, args, energy_data=None) -> dict:
 
 
 def training_samples(path: str, pipe, count: int | None = None, seed: int = 0):
-    """Clean training samples as the flow sees them: a latent cache's latents, or images (encoded by the model's
-    autoencoder in latent space); a random ``count`` of them (all when None)."""
-    import torch
+    """Clean training samples as the flow sees them (a latent cache, or images encoded by the model's autoencoder)."""
+    from latent_dmmd.generator_training import training_particles
 
-    if os.path.isfile(os.path.join(path, "meta.json")):  # a latent cache (scripts/cache_latents.py)
-        from latent_dmmd.latent_cache import LatentCacheDataset
-
-        data = LatentCacheDataset(path).tensors["mean"].float()
-    else:
-        from latent_dmmd.data import build_image_dataset
-        from latent_dmmd.records import output_resolution
-
-        channels = 3 if pipe.vae is not None else pipe.discriminator.config.in_channels
-        ds = build_image_dataset(path, resolution=output_resolution(pipe), channels=channels)
-        picks = range(len(ds)) if count is None else torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:count]
-        data = torch.stack([ds[int(i)]["pixel_values"] for i in picks])
-        if pipe.vae is not None:
-            from latent_dmmd.autoencoders import encode_images
-
-            with torch.no_grad():
-                data = torch.cat([encode_images(pipe.vae, x).mean for x in data.split(64)])
-        return data
-    if count is not None and count < len(data):
-        data = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count]]
-    return data
+    return training_particles(path, pipe, count, seed)
 
 
 def set_statistics(pipe, data, arms: list[dict], args) -> None:

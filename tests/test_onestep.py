@@ -166,3 +166,27 @@ def test_field_mode_needs_data_and_logs_the_diversity(tmp_path):
     assert DMMDPipeline.from_pretrained(folder).generator.config.mode == "field"
     log = [json.loads(line) for line in open(tmp_path / "out" / "generator_log.jsonl")]
     assert len(log) == 2 and all(r["diversity"] > 0 for r in log)
+
+
+def test_the_generator_samples_latents_that_the_autoencoder_decodes_and_runs_in_bf16(tmp_path):
+    from .conftest import tiny_autoencoder
+
+    vae = tiny_autoencoder()
+    pipe = tiny_pipeline(in_channels=4, sample_size=4, vae=vae, num_inference_steps=2, flow_steps_per_level=1)
+    with_gen = DMMDPipeline(pipe.discriminator, pipe.scheduler, vae=vae, generator=tiny_generator(pipe))
+    with_gen.set_progress_bar_config(disable=True)
+    z = torch.randn(2, *pipe.particle_shape)
+    latents = with_gen(num_images=2, latents=z, output_type="latent").images
+    images = with_gen(num_images=2, latents=z, output_type="pt").images
+    assert latents.shape == (2, 4, 4, 4) and images.shape == (2, 3, 8, 8)
+    from latent_dmmd.autoencoders import decode_latents
+
+    expected = ((decode_latents(vae, latents) + 1) / 2).clamp(0, 1)
+    assert torch.allclose(images, expected, atol=1e-5)  # the generator's latents, decoded as the flow's would be
+    with_gen.save_pretrained(tmp_path / "p")
+    loaded = DMMDPipeline.from_pretrained(tmp_path / "p")
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.allclose(loaded(num_images=2, latents=z, output_type="latent").images, latents, atol=1e-6)
+    loaded.generator.to(torch.bfloat16)
+    half = loaded(num_images=2, latents=z, output_type="latent").images
+    assert half.dtype == torch.float32 and (half - latents).abs().max() < 0.1  # bf16 weights, fp32 particles
