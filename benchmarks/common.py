@@ -143,14 +143,16 @@ def plt():
 
 
 def config_discriminator(config_name: str, seed: int = 0):
-    """The discriminator a TAEF2 config trains (32 latent channels, 8x downsampling), built from that file, so
-    benchmarks measure what the config trains rather than a hand copy of it."""
+    """The discriminator a config trains, built from that file (TAEF2 configs: 32 latent channels at 1/8 of the
+    resolution; pixel configs: the config's channels at its resolution), so benchmarks measure what the config
+    trains rather than a hand copy of it."""
     from latent_dmmd import DMMDDiscriminator
     from latent_dmmd.training.config import load_config
 
     config = load_config(["--config", os.path.join(os.path.dirname(RESULTS), "..", "configs", config_name)])
     torch.manual_seed(seed)
-    return DMMDDiscriminator(sample_size=config.resolution // 8, in_channels=32, **config.model_kwargs()).requires_grad_(False)
+    size, channels = (config.resolution // 8, 32) if config.pretrained_vae else (config.resolution, config.channels)
+    return DMMDDiscriminator(sample_size=size, in_channels=channels, **config.model_kwargs()).requires_grad_(False)
 
 
 def latent64_discriminator(seed: int = 0):

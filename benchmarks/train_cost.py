@@ -9,6 +9,7 @@ double backward on one step in k, so one timed unit is a cycle of k consecutive 
 
     python benchmarks/train_cost.py              # writes benchmarks/results/train_cost.{json,png}
     python benchmarks/train_cost.py --backbone latent256_cpu --name train_cost_256cpu   # sizing the 256² CPU config
+    python benchmarks/train_cost.py --backbone fashion32_cpu --batch 32 --name train_cost_fashion32cpu  # issue 27's clock
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import os
 
 import torch
-from common import latent64_discriminator, latent256_cpu_discriminator, plt, save_figure, timeit_pair, write
+from common import config_discriminator, latent64_discriminator, latent256_cpu_discriminator, plt, save_figure, timeit_pair, write
 
 
 def fashion_discriminator():
@@ -89,6 +90,8 @@ BACKBONES = (
 
 # backbones measured only when named (--backbone): the full penalty, the configs' setting
 EXTRA = {
+    "fashion32_cpu": ("fashion_mnist_pixel32_cpu (1x32x32 pixels; the long runs of issue 27)",
+                      lambda: config_discriminator("fashion_mnist_pixel32_cpu.yaml"), (1, 32, 32), [(1.0, 1, 1.0)]),
     "latent256_cpu": ("celebahq_taef2_256_cpu (32x32x32 latents)", latent256_cpu_discriminator, (32, 32, 32), [(1.0, 1, 1.0)]),
 }
 
