@@ -174,8 +174,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
             raise UserError(f"cannot load the score model {args.score_model}: {str(err).splitlines()[0]}") from err
     pipe.set_progress_bar_config(desc="DMMD flow")
     keys = ("num_inference_steps", "flow_steps_per_level", "step_size", "noise_scale", "noise_schedule", "noise_mode",
-            "score_weight", "noise_injection", "final_denoise")  # fmt: skip
+            "score_weight", "noise_injection", "final_denoise", "use_generator")  # fmt: skip
     call = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if getattr(pipe, "generator", None) is not None and call.get("use_generator") is not False:
+        flow_flags = sorted(k for k in call if k != "use_generator")
+        if flow_flags:
+            raise UserError(f"{args.model} samples with its one-step generator, which has no --{flow_flags[0]}: pass --flow "
+                            f"to run the particle flow with those settings")  # fmt: skip
+        pipe.set_progress_bar_config(desc="one-step generator")
     start = time.perf_counter()
     grid_images, written = [], []
     try:
@@ -425,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--vae", default=None,
                         help="autoencoder of a latent model that ships without one: a diffusers folder or Hub id, "
                              "or a TAEF2 folder (e.g. ../shared/weights/taef2)")  # fmt: skip
+    sample.add_argument("--flow", dest="use_generator", action="store_false", default=None,
+                        help="run the particle flow even when the folder has a one-step generator (default: use it)")  # fmt: skip
     sample.add_argument("--output-dir", default="samples", help="folder for the PNG(s)")
     sample.add_argument("--no-grid", dest="grid", action="store_false", help="one PNG per image instead of a grid")
     sample.add_argument("--nrow", type=_positive_int, default=8, help="images per grid row")

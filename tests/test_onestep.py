@@ -190,3 +190,18 @@ def test_the_generator_samples_latents_that_the_autoencoder_decodes_and_runs_in_
     loaded.generator.to(torch.bfloat16)
     half = loaded(num_images=2, latents=z, output_type="latent").images
     assert half.dtype == torch.float32 and (half - latents).abs().max() < 0.1  # bf16 weights, fp32 particles
+
+
+def test_the_sample_command_uses_the_generator_and_runs_the_flow_with_flow(tmp_path, capsys):
+    from latent_dmmd.cli import main
+
+    pipe = tiny_pipeline(num_inference_steps=2, flow_steps_per_level=1)
+    DMMDPipeline(pipe.discriminator, pipe.scheduler, generator=tiny_generator(pipe)).save_pretrained(tmp_path / "p")
+    assert main(["sample", str(tmp_path / "p"), "--num-images", "2", "--output-dir", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "grid.png").is_file()
+    assert main(["sample", str(tmp_path / "p"), "--num-images", "2", "--step-size", "0.1",
+                 "--output-dir", str(tmp_path / "b")]) != 0  # fmt: skip
+    assert "--flow" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "p"), "--num-images", "2", "--step-size", "0.1", "--flow",
+                 "--output-dir", str(tmp_path / "c")]) == 0  # fmt: skip
+    assert (tmp_path / "c" / "grid.png").is_file()
