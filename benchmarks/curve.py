@@ -10,6 +10,7 @@ Each point is a checkpoint of a run, exported exactly as the run would have expo
 calibrated on training data). The baseline is scored at the same steps and, for each DMMD point, at its checkpoint
 nearest in optimisation seconds (the ``progress.jsonl`` clock of both runs, trained side by side). Rows are kept in
 ``benchmarks/results/<name>.json`` as they are made; a rerun with more ``--steps`` scores only the new points.
+``python benchmarks/curve.py --report NAME`` prints the table.
 """
 
 from __future__ import annotations
@@ -130,7 +131,26 @@ def plot(rows: list[dict], path: str) -> None:
     save_figure(fig, path)
 
 
+def report(rows: list[dict]) -> str:
+    """The curve as a markdown table: per step, DMMD and every baseline point (equal steps, then equal seconds)."""
+    lines = ["| step | optimisation s | sampler | NFE | samples | FID | KID | precision | recall | compared at |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in sorted(rows, key=lambda r: (r["step"], r["method"] != "dmmd", r["method"], r["nfe"])):
+        name = "DMMD" if r["method"] == "dmmd" else r["method"].upper()
+        lines.append(f"| {r['step']:,} | {r['train_seconds']:,.0f} | {name} | {r['nfe']} | {r['num_fake']:,} | {r['fid']:.1f} | "
+                     f"{r['kid']:.4f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['comparison'].replace('_', ' ')} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
+    if argv is None:
+        import sys
+
+        argv = sys.argv[1:]
+    if argv[:1] == ["--report"]:  # curve.py --report NAME
+        with open(os.path.join(RESULTS, f"{argv[1]}.json")) as f:
+            print(report(json.load(f)["rows"]))
+        return []
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dmmd_run", required=True, help="output folder of a DMMD run (its checkpoint-N and progress.jsonl)")
     p.add_argument("--ddpm_run", default=None, help="output folder of the --method ddpm run on the same backbone")

@@ -75,3 +75,12 @@ def math_ok(row):
 def test_a_run_without_a_clock_is_refused_with_a_reason(tmp_path, missing):
     with pytest.raises(SystemExit, match=missing):
         curve.progress(str(tmp_path))
+
+
+def test_report_lists_every_row():
+    rows = [{"method": "dmmd", "step": 1000, "train_seconds": 10.0, "nfe": 20, "num_fake": 1000, "fid": 50.0, "kid": 0.05,
+             "precision": 0.5, "recall": 0.2, "comparison": "equal_steps"},
+            {"method": "ddim", "step": 1000, "train_seconds": 2.0, "nfe": 20, "num_fake": 1000, "fid": 40.0, "kid": 0.04,
+             "precision": 0.6, "recall": 0.3, "comparison": "equal_steps"}]  # fmt: skip
+    table = curve.report(rows).splitlines()
+    assert len(table) == 4 and "| DMMD | 20 |" in table[2] and "| DDIM | 20 |" in table[3]
