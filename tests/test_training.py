@@ -415,3 +415,31 @@ def test_the_loops_named_steps_work_on_their_own(monkeypatch):
     loop.checkpoint_and_evaluate(run, last=False)
     loop.checkpoint_and_evaluate(run, last=True)  # the last step is always saved
     assert saved == [5, 6]
+
+
+def test_a_stashed_run_resumes_on_a_fresh_folder_like_the_uninterrupted_run(tmp_path):
+    """benchmarks/stash_run.py: the newest checkpoint and the run's logs kept aside, restored into a fresh folder
+    (a new machine), and resumed there: the same weights as the run that never stopped."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import stash_run
+
+    (tmp_path / "a").mkdir()
+    run(tmp_path / "a", steps=6)
+    straight = load_file(tmp_path / "a" / "out" / "checkpoint-6" / "model.safetensors")
+    (tmp_path / "b").mkdir()
+    run(tmp_path / "b", steps=4, data=str(tmp_path / "a" / "imgs"))
+    stash_run.main(["save", str(tmp_path / "b" / "out"), str(tmp_path / "stash")])
+    assert {"checkpoint-4", "config.yaml", "progress.jsonl"} <= set(os.listdir(tmp_path / "stash"))
+    assert not [n for n in os.listdir(tmp_path / "stash") if n.startswith("checkpoint-") and n != "checkpoint-4"]
+    stash_run.main(["restore", str(tmp_path / "stash"), str(tmp_path / "fresh" / "out")])
+    with pytest.raises(SystemExit, match="already has"):
+        stash_run.main(["restore", str(tmp_path / "stash"), str(tmp_path / "fresh" / "out")])
+    (tmp_path / "fresh" / "imgs").mkdir(parents=True)
+    run(tmp_path / "fresh", "--resume_from_checkpoint", "latest", steps=6, data=str(tmp_path / "a" / "imgs"))
+    resumed = load_file(tmp_path / "fresh" / "out" / "checkpoint-6" / "model.safetensors")
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    log = [json.loads(line) for line in (tmp_path / "fresh" / "out" / "progress.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6]  # the clock and its log continue
