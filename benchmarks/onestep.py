@@ -129,9 +129,11 @@ def main(argv=None):
     def add(row):
         x = row.pop("x")
         row = {**row, **scorer(x)}
+        if data.dim == 2:  # a picture of where the samples sit
+            row["samples"] = [[round(float(a), 3), round(float(b), 3)] for a, b in x[:400]]
         row.pop("class_share", None)
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "log"}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("log", "samples")}), flush=True)
 
     x, seconds, info = dmmd_sample(disc, data, args.num_samples, 0, flow_args(args))
     add({"method": "flow", "nfe": 100, "x": x, "seconds_per_image": seconds / args.num_samples, "step_sizes": info["step_sizes"]})
@@ -188,7 +190,13 @@ def sample(gen_model, data, n):
 
 def plot(rows, path, data_name):
     pyplot = plt()
-    fig, (ax, ax_d) = pyplot.subplots(1, 2, figsize=(11, 4))
+    scatter = [r for r in rows if r.get("samples")]
+    fig, axes = pyplot.subplots(1, 2 + len(scatter), figsize=(11 + 3.2 * len(scatter), 4))
+    ax, ax_d = axes[:2]
+    for a, r in zip(axes[2:], scatter):
+        pts = torch.tensor(r["samples"])
+        a.scatter(pts[:, 0], pts[:, 1], s=2)
+        a.set(xlim=(-3, 3), ylim=(-3, 3), aspect="equal", title=r["method"] + (f" {r['mode']}" if r.get("mode") else ""))
     for r in rows:
         label = r["method"] + (f" {r['mode']}" if r.get("mode") else "") + f" (NFE {r['nfe']})"
         ax.scatter(r["seconds_per_image"] * 1e6, r["fd"], label=label)
@@ -209,7 +217,7 @@ def report(record) -> str:
         label = r["method"] + (f" ({r['mode']})" if r.get("mode") else "")
         lines.append(f"| {label} | {r['nfe']} | {r['fd']:.3g} | {r['kid']:.3g} | {r['precision']:.2f} | {r['recall']:.2f} | "
                      f"{r['coverage']:.2f} | {r['energy_distance']:.3g} | {1e6 * r['seconds_per_image']:.3g} | "
-                     f"{r.get('train_seconds', float('nan')):.0f} |")  # fmt: skip
+                     f"{'—' if r.get('train_seconds') is None else format(r['train_seconds'], '.0f')} |")  # fmt: skip
     return "\n".join(lines)
 
 
