@@ -8,7 +8,8 @@
 ``save`` copies the run's newest complete checkpoint (weights, EMA, optimiser, LR schedule, random states, its
 recorded config and clock), its ``config.yaml`` and its logs (``progress.jsonl``, ``level_mmd.jsonl``), replacing
 the previous stash (one checkpoint kept, so the repository grows by one checkpoint per session at most).
-``restore`` copies them back into a run folder that holds no newer checkpoint.
+``--also STEP ...`` keeps checkpoints a learning curve has not scored yet. ``restore`` copies them back into a run
+folder that holds no newer checkpoint (the newest resumes; the others are there for ``benchmarks/curve.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import shutil
 FILES = ("config.yaml", "progress.jsonl", "level_mmd.jsonl", "training_summary.json")
 
 
-def save(run: str, stash: str) -> str:
+def save(run: str, stash: str, also: tuple[int, ...] = ()) -> str:
     from latent_dmmd.atomic import incomplete_files
     from latent_dmmd.training import list_checkpoints
 
@@ -32,6 +33,9 @@ def save(run: str, stash: str) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     shutil.copytree(path, os.path.join(tmp, os.path.basename(path)))
+    for s, p in found:  # checkpoints a learning curve has not scored yet
+        if s in also and s != step:
+            shutil.copytree(p, os.path.join(tmp, os.path.basename(p)))
     for name in FILES:
         if os.path.isfile(os.path.join(run, name)):
             shutil.copy2(os.path.join(run, name), tmp)
@@ -47,12 +51,14 @@ def restore(stash: str, run: str) -> str:
     stashed = list_checkpoints(stash)
     if not stashed:
         raise SystemExit(f"{stash} holds no checkpoint")
-    step, path = stashed[-1]
+    step = stashed[-1][0]
     newer = [s for s, _ in list_checkpoints(run) if s >= step]
     if newer:
         raise SystemExit(f"{run} already has checkpoint-{max(newer)} (>= the stash's {step}): nothing to restore")
     os.makedirs(run, exist_ok=True)
-    shutil.copytree(path, os.path.join(run, os.path.basename(path)))
+    for _, path in stashed:
+        if not os.path.isdir(os.path.join(run, os.path.basename(path))):
+            shutil.copytree(path, os.path.join(run, os.path.basename(path)))
     for name in FILES:
         if os.path.isfile(os.path.join(stash, name)) and not os.path.isfile(os.path.join(run, name)):
             shutil.copy2(os.path.join(stash, name), run)
@@ -65,8 +71,9 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("action", choices=("save", "restore"))
     p.add_argument("source", help="save: the run folder; restore: the stash")
     p.add_argument("target", help="save: the stash folder (replaced); restore: the run folder")
+    p.add_argument("--also", type=int, nargs="*", default=[], help="save: also these checkpoints (steps a curve still needs)")
     args = p.parse_args(argv)
-    return save(args.source, args.target) if args.action == "save" else restore(args.source, args.target)
+    return save(args.source, args.target, tuple(args.also)) if args.action == "save" else restore(args.source, args.target)
 
 
 if __name__ == "__main__":

@@ -430,7 +430,9 @@ def test_a_stashed_run_resumes_on_a_fresh_folder_like_the_uninterrupted_run(tmp_
     straight = load_file(tmp_path / "a" / "out" / "checkpoint-6" / "model.safetensors")
     (tmp_path / "b").mkdir()
     run(tmp_path / "b", steps=4, data=str(tmp_path / "a" / "imgs"))
-    stash_run.main(["save", str(tmp_path / "b" / "out"), str(tmp_path / "stash")])
+    stash_run.main(["save", str(tmp_path / "b" / "out"), str(tmp_path / "stash"), "--also", "2"])
+    assert {"checkpoint-2", "checkpoint-4", "config.yaml", "progress.jsonl"} <= set(os.listdir(tmp_path / "stash"))
+    stash_run.main(["save", str(tmp_path / "b" / "out"), str(tmp_path / "stash")])  # replaces the stash
     assert {"checkpoint-4", "config.yaml", "progress.jsonl"} <= set(os.listdir(tmp_path / "stash"))
     assert not [n for n in os.listdir(tmp_path / "stash") if n.startswith("checkpoint-") and n != "checkpoint-4"]
     stash_run.main(["restore", str(tmp_path / "stash"), str(tmp_path / "fresh" / "out")])
