@@ -13,6 +13,14 @@ class/mode coverage, energy distance) on --num_samples samples; seconds per imag
 Field arms log the batch diversity (mean pairwise distance over the data's) during training. The field arms' step
 size and temperature are chosen on training data (energy distance to training samples) from a small grid.
 Writes benchmarks/results/onestep_<data>.{json,png}.
+
+Images: ``--pipeline FOLDER`` (a pipeline with a generator, from ``scripts/train_generator.py``) scores the generator
+in one step and the same folder's flow (its scheduler's T x N_s, or ``--flow_nfe``), and with ``--ddpm BASELINE``
+DDIM at NFE 1 and 10 on the same backbone, in FID/KID/precision/recall against ``--reference`` images:
+
+    python benchmarks/onestep.py --pipeline outputs/fashion_onestep/pipeline --ddpm outputs/curve_fashion32_ddpm/baseline \
+        --reference /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz \
+        --real_features runs/curve/fashion_t10k_inception.pt --num_samples 2000 --name onestep_fashion32
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import os
 import time
 
 import torch
-from common import RESULTS, plt, save_figure, write
+from common import RESULTS, plt, reference_metric, save_figure, write
 from convergence import Dataset, Scorer, TimeMLP, diffusion_sample, dmmd_sample, load
 from safetensors.torch import load_file
 
@@ -97,9 +105,50 @@ def train_generator(data, phi, args, mode, eta=None, tau=None, seed=0):
     return gen_model.eval().requires_grad_(False), seconds, log
 
 
+def images(args) -> None:
+    """The image case: a pipeline folder's one-step generator against its own flow (and DDIM of a DDPM baseline)."""
+    import curve
+
+    from latent_dmmd import DMMDPipeline
+    from latent_dmmd.evaluation import generate
+    from latent_dmmd.records import output_resolution
+
+    pipe = DMMDPipeline.from_pretrained(args.pipeline)
+    if pipe.generator is None:
+        raise SystemExit(f"{args.pipeline} has no one-step generator (scripts/train_generator.py trains one)")
+    pipe.set_progress_bar_config(disable=True)
+    metric = reference_metric(args, output_resolution(pipe))
+    rows = []
+    for label, call in (("onestep", {"use_generator": True}), ("flow", {"use_generator": False})):
+        images_, seconds = generate(pipe, args.num_samples, args.batch_size, 0, progress=True, **call)
+        cfg = pipe.scheduler.config
+        rows.append({"method": label, "nfe": 1 if label == "onestep" else cfg.num_inference_steps * cfg.flow_steps_per_level,
+                     "seconds_per_image": seconds / args.num_samples, **curve.score(images_, metric)})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    if args.ddpm:
+        curve.BASELINE_POINTS = (("ddim", 1), ("ddim", 10))
+        baseline = argparse.Namespace(batch_size=args.batch_size, seed=0, clip_sample_range=None)
+        rows += curve.baseline_rows(args.ddpm, args.num_samples, baseline, metric)
+    summary = os.path.join(os.path.dirname(os.path.normpath(args.pipeline)), "generator_summary.json")
+    trained = json.load(open(summary)) if os.path.isfile(summary) else None
+    path = write(args.name, {"benchmark": "one-step DMMD, images", "pipeline": args.pipeline, "ddpm": args.ddpm,
+                             "generator_training": trained, "args": vars(args), "rows": rows})  # fmt: skip
+    print("wrote", path)
+    for r in rows:
+        print(f"| {r['method']} | {r['nfe']} | {r['fid']:.1f} | {r['kid']:.4f} | {r['precision']:.3f} | {r['recall']:.3f} | "
+              f"{1e3 * r.get('seconds_per_image', float('nan')):.2f} |")  # fmt: skip
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", choices=sorted(TEACHERS), default="digits")
+    p.add_argument("--pipeline", default=None, help="images: a pipeline folder with a one-step generator")
+    p.add_argument("--ddpm", default=None, help="images: the DDPM baseline folder of the same backbone (DDIM 1 and 10)")
+    p.add_argument("--reference", default=None, help="images: reference images (folder or IDX file)")
+    p.add_argument("--reference_first_index", type=int, default=0)
+    p.add_argument("--reference_count", type=int, default=None)
+    p.add_argument("--real_features", default=None, help="images: cache of the reference set's Inception features")
+    p.add_argument("--name", default=None, help="images: results file stem")
     p.add_argument("--num_samples", type=int, default=2000)
     p.add_argument("--num_endpoints", type=int, default=20000)
     p.add_argument("--flow_batch", type=int, default=1000, help="particles flowed together for the endpoints")
@@ -114,6 +163,12 @@ def main(argv=None):
     p.add_argument("--report", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.pipeline:
+        if not args.reference:
+            p.error("--pipeline needs --reference")
+        args.name = args.name or "onestep_images"
+        args.batch_size = min(args.batch_size, 250)
+        return images(args)
     name = f"onestep_{args.data}"
     if args.report:
         print(report(json.load(open(os.path.join(RESULTS, name + ".json")))))

@@ -30,3 +30,40 @@ def test_a_distilled_generator_covers_every_mode_of_the_8_gaussians(tmp_path, mo
     assert distilled["seconds_per_image"] * 20 < flow["seconds_per_image"]
     field = by[("onestep", "field_local", 1)]
     assert [e["step"] for e in field["log"]] == [25, 50] and all(e["diversity"] > 0 for e in field["log"])
+
+
+def test_the_image_mode_scores_the_generator_against_the_folders_own_flow(tmp_path, monkeypatch):
+    import common
+    import onestep
+    import torch
+
+    from latent_dmmd import DMMDGenerator, DMMDPipeline
+    from latent_dmmd.evaluation import FIDKID, reference_images
+
+    from .conftest import tiny_pipeline, write_image_folder
+
+    pipe = tiny_pipeline(num_inference_steps=2, flow_steps_per_level=1)
+    gen = DMMDGenerator(sample_size=8, in_channels=3, block_out_channels=(8, 16), norm_num_groups=4)
+    DMMDPipeline(pipe.discriminator, pipe.scheduler, generator=gen).save_pretrained(tmp_path / "p")
+    write_image_folder(tmp_path / "ref", n=10, size=8)
+
+    class Pooled(torch.nn.Module):
+        def forward(self, images):
+            return torch.nn.functional.avg_pool2d(images.float() / 255, 4).flatten(1)
+
+    def metric(args, resolution, kid_subset_size=100):
+        m = FIDKID(kid_subset_size=4, extractor=Pooled(), num_features=12)
+        for batch in reference_images(args.reference, resolution):
+            m.update(batch, real=True)
+        return m
+
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(onestep, "reference_metric", metric)
+    onestep.main(["--pipeline", str(tmp_path / "p"), "--reference", str(tmp_path / "ref"), "--num_samples", "6",
+                  "--name", "img"])  # fmt: skip
+    rows = json.loads((tmp_path / "results" / "img.json").read_text())["rows"]
+    assert [(r["method"], r["nfe"]) for r in rows] == [("onestep", 1), ("flow", 2)]
+    assert all(r["num_fake"] == 6 and r["fid"] == r["fid"] for r in rows)
+    with pytest.raises(SystemExit, match="no one-step generator"):
+        pipe.save_pretrained(tmp_path / "plain")
+        onestep.main(["--pipeline", str(tmp_path / "plain"), "--reference", str(tmp_path / "ref"), "--name", "x"])
