@@ -84,7 +84,9 @@ def dmmd_row(folder: str, num: int, args, metric) -> dict:
             "seconds_per_image": seconds / num, **score(images, metric)}  # fmt: skip
 
 
-def baseline_rows(folder: str, num: int, args, metric) -> list[dict]:
+def baseline_rows(folder: str, num: int, args, metric, skip=(), on_row=None) -> list[dict]:
+    """DDIM/DDPM rows of a baseline folder at ``BASELINE_POINTS`` (those in ``skip`` left out); ``on_row`` gets each
+    row as soon as it is scored (so a stopped run keeps it)."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     from latent_dmmd.autoencoders import load_autoencoder
@@ -97,6 +99,8 @@ def baseline_rows(folder: str, num: int, args, metric) -> list[dict]:
     clip = args.clip_sample_range if args.clip_sample_range is not None else (1.0 if vae is None else None)
     rows = []
     for kind, nfe in BASELINE_POINTS:
+        if (kind, nfe) in skip:
+            continue
         sched = baseline_scheduler(betas, kind, clip_sample_range=clip, timestep_spacing="trailing")
         chunks = []
         for first in range(0, num, args.batch_size):
@@ -104,7 +108,8 @@ def baseline_rows(folder: str, num: int, args, metric) -> list[dict]:
             gens = [torch.Generator().manual_seed(args.seed + first + i) for i in range(k)]
             chunks.append(to_uint8(((sample_baseline(unet, sched, k, nfe, gens, vae) + 1) / 2).clamp(0, 1)))
         rows.append({"method": kind, "nfe": nfe, "clip_sample_range": clip, **score(torch.cat(chunks), metric)})
-        print(json.dumps(rows[-1]), flush=True)
+        if on_row is not None:
+            on_row(rows[-1])
     return rows
 
 
@@ -210,13 +215,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 metric = reference_metric(args, output_resolution(DMMDPipeline.from_pretrained(first)))
             base = {"step": at, "train_seconds": clock[at], "num_fake": num, "num_real": len(metric.real_features()),
                     "comparison": comparison, "folder": folder}  # fmt: skip
-            new = [{"method": "dmmd", **base, **dmmd_row(folder, num, args, metric)}] if kind == "dmmd" else [
-                {**r, **base} for r in baseline_rows(folder, num, args, metric)]  # fmt: skip
-            for r in new:
-                print(json.dumps(r), flush=True)
-                done.add((r["method"], r["step"], r["nfe"], r["num_fake"]))
-            rows += new
-            save()
+
+            def keep(row, base=base):
+                row = {**row, **base} if row["method"] != "dmmd" else {"method": "dmmd", **base, **row}
+                print(json.dumps(row), flush=True)
+                done.add((row["method"], row["step"], row["nfe"], row["num_fake"]))
+                rows.append(row)
+                save()
+
+            if kind == "dmmd":
+                keep({"method": "dmmd", **dmmd_row(folder, num, args, metric)})
+            else:
+                have = {(m, n) for m, s_, n, f in done if s_ == at and f == num}
+                baseline_rows(folder, num, args, metric, skip=have, on_row=keep)
     if rows:
         save()
     return rows
