@@ -68,7 +68,7 @@ def test_save_load_optional_components_stay_none(pipe, tmp_path):
 
 
 def test_components_rebuild_the_pipeline(pipe):
-    assert set(pipe.components) == {"discriminator", "scheduler", "vae", "score_model"}
+    assert set(pipe.components) == {"discriminator", "scheduler", "vae", "score_model", "generator"}
     again = DMMDPipeline(**pipe.components)
     again.set_progress_bar_config(disable=True)
     assert torch.equal(latents(again), latents(pipe))
