@@ -408,13 +408,14 @@ def test_the_loops_named_steps_work_on_their_own(monkeypatch):
     with pytest.raises(RuntimeError, match="2 consecutive steps"):
         loop.count_bad_step(run)
     saved = []
-    monkeypatch.setattr(loop, "save_checkpoint", lambda acc, out, step, limit, cfg: saved.append(step))
+    monkeypatch.setattr(loop, "save_checkpoint", lambda acc, out, step, limit, cfg, progress: saved.append((step, progress)))
     run = SimpleNamespace(config=config, accelerator=None, heldout=None, dmmd=True, global_step=5)
+    run.progress = lambda: {"step": run.global_step, "optimize_seconds": 1.5}
     loop.checkpoint_and_evaluate(run, last=False)
     run.global_step = 6
     loop.checkpoint_and_evaluate(run, last=False)
     loop.checkpoint_and_evaluate(run, last=True)  # the last step is always saved
-    assert saved == [5, 6]
+    assert saved == [(5, {"step": 5, "optimize_seconds": 1.5}), (6, {"step": 6, "optimize_seconds": 1.5})]
 
 
 def test_a_stashed_run_resumes_on_a_fresh_folder_like_the_uninterrupted_run(tmp_path):
