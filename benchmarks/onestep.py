@@ -68,10 +68,10 @@ def train_generator(data, phi, args, mode, eta=None, tau=None, seed=0):
     gen_model = Generator(data)
     opt = torch.optim.Adam(gen_model.parameters(), lr=args.learning_rate)
     g = torch.Generator().manual_seed(seed)
-    sched = DMMDScheduler(num_inference_steps=10, flow_steps_per_level=10)
     if mode == "distill":
         noise, ends = args.endpoints
     else:
+        sched = DMMDScheduler(num_inference_steps=10, flow_steps_per_level=10)
         stats = compute_reference_statistics(phi, data.batch(20000, g).split(4096), sched.timesteps, sched.alphas_cumprod,
                                              generator=g)  # fmt: skip
     reference = data.batch(1000, torch.Generator().manual_seed(99))

@@ -134,7 +134,9 @@ def cached_endpoints(config: GeneratorConfig, pipe, accelerator) -> tuple[torch.
 
     path = os.path.join(config.output_dir, ENDPOINTS)
     if accelerator.is_main_process and not os.path.isfile(path):
-        noise, ends = flow_endpoints_for(config, pipe)
+        from .onestep import flow_endpoints
+
+        noise, ends = flow_endpoints(pipe, config.num_endpoints, config.flow_batch_size, seed=config.seed, progress=True)
         save_file({"noise": noise.contiguous(), "endpoints": ends.contiguous()}, path + ".tmp")
         os.replace(path + ".tmp", path)
     accelerator.wait_for_everyone()
@@ -143,12 +145,6 @@ def cached_endpoints(config: GeneratorConfig, pipe, accelerator) -> tuple[torch.
         raise ValueError(f"{path} holds {saved['noise'].shape[0]} endpoints, not --num_endpoints {config.num_endpoints}: "
                          f"delete it or pass the number it was made with")  # fmt: skip
     return saved["noise"], saved["endpoints"]
-
-
-def flow_endpoints_for(config: GeneratorConfig, pipe):
-    from .onestep import flow_endpoints
-
-    return flow_endpoints(pipe, config.num_endpoints, config.flow_batch_size, seed=config.seed, progress=True)
 
 
 def load_teacher(config: GeneratorConfig):
@@ -195,7 +191,7 @@ def main(argv: list[str] | None = None) -> str:
     from tqdm.auto import tqdm
 
     from .onestep import diversity, field_target
-    from .training.checkpoints import resolve_resume, save_checkpoint
+    from .training.checkpoints import checkpoint_progress, resolve_resume, save_checkpoint
 
     config = load_generator_config(argv)
     accelerator = Accelerator(project_config=ProjectConfiguration(project_dir=config.output_dir))
@@ -226,8 +222,7 @@ def main(argv: list[str] | None = None) -> str:
     seconds = 0.0
     if path:
         accelerator.load_state(path)
-        with open(os.path.join(path, "progress.json")) as f:
-            seconds = json.load(f).get("optimize_seconds", 0.0)
+        seconds = float(checkpoint_progress(path).get("optimize_seconds", 0.0))
         logger.info("resumed from %s (step %d)", path, step)
 
     def batches():

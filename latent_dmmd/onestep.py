@@ -91,9 +91,9 @@ def field_target(
         data_t = alpha * data.float() + sigma * data_noise
         with torch.no_grad():
             data_features = phi(data_t, torch.full((data.shape[0],), int(t), device=x.device, dtype=torch.long))
-            features = phi(x_t, tt)
-        # the move that brings each sample's features along V_i is -grad of <phi(x_t), -V_i>
-        grad, _ = witness_gradient(phi, x_t, tt, -local_direction(features, data_features, tau))
+        # the move that brings each sample's features along V_i is -grad of <phi(x_t), -V_i>; V_i is read from the
+        # features of the gradient's own forward (one forward of the batch, not two)
+        grad, _ = witness_gradient(phi, x_t, tt, lambda f: -local_direction(f, data_features, tau))
     else:
         raise ValueError(f"kernel must be 'linear' or 'local', got {kernel!r}")
     return (x - eta * alpha * grad.float()).detach()
