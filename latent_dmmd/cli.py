@@ -331,8 +331,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def cmd_card(args: argparse.Namespace) -> None:
-    from .hub import ship_run, write_model_card
+    from .hub import sampler_rows, ship_run, write_model_card
 
+    samplers = sampler_rows(args.samplers_from_benchmark) if args.samplers_from_benchmark else None
     if args.from_run:
         sample_grid = args.sample_grid is not None
         if sample_grid and args.sample_grid != WRITE_SAMPLES:
@@ -342,7 +343,8 @@ def cmd_card(args: argparse.Namespace) -> None:
         path = ship_run(args.from_run, args.folder, drop_vae=args.drop_vae, sample_grid=sample_grid,
                         metrics_file=args.metrics, benchmark=args.metrics_from_benchmark,
                         benchmark_model=args.benchmark_model, repo_id=args.repo_id, datasets=args.dataset,
-                        data_terms=args.data_terms, vae_note=args.vae_note, limitations=args.limitation)  # fmt: skip
+                        data_terms=args.data_terms, vae_note=args.vae_note, limitations=args.limitation,
+                        samplers=samplers)  # fmt: skip
         print(f"wrote {path}")
         return
     if args.drop_vae or args.metrics_from_benchmark:
@@ -363,6 +365,7 @@ def cmd_card(args: argparse.Namespace) -> None:
     path = write_model_card(
         args.folder, config, metrics_file=args.metrics, sample_grid=args.sample_grid, repo_id=args.repo_id,
         datasets=args.dataset, data_terms=args.data_terms, vae_note=args.vae_note, limitations=args.limitation or None,
+        samplers=samplers,
     )  # fmt: skip
     print(f"wrote {path}")
 
@@ -487,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --from-run: benchmarks/results/quality_*.json instead of --metrics, its DMMD row at "
                            "the model's own sampler settings")  # fmt: skip
     card.add_argument("--benchmark-model", default=None, help="the model name of that row (several in one benchmark)")
+    card.add_argument("--samplers-from-benchmark", default=None,
+                      help="benchmarks/results/onestep_*.json of this folder: the one-step generator's and the flow's "
+                           "rows, shown side by side in the card")  # fmt: skip
     card.add_argument("--config", default=None, help="training config YAML (default: ../config.yaml if present)")
     card.add_argument("--sample-grid", nargs="?", const=WRITE_SAMPLES, default=None,
                       help="PNG path (relative to the folder) shown in the card; with --from-run and no path, "

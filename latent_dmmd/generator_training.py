@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> str:
         bar.update(1)
         if step % config.log_every == 0 or step == config.max_train_steps:
             spread = diversity(out, reference)
-            log.append({"step": step, "loss": float(loss), "diversity": spread})
+            log.append({"step": step, "loss": loss.item(), "diversity": spread})
             bar.set_postfix(loss=f"{float(loss):.4g}", diversity=f"{spread:.2f}")
             if accelerator.is_main_process:
                 with open(os.path.join(config.output_dir, "generator_log.jsonl"), "a") as f:
@@ -290,6 +291,7 @@ def export(accelerator, pipe, generator, ema, config: GeneratorConfig, info: dic
 
     from . import DMMDPipeline
     from .atomic import replace_folder
+    from .hub import write_model_card
 
     folder = os.path.join(config.output_dir, "pipeline")
     if accelerator.is_main_process:
@@ -301,13 +303,9 @@ def export(accelerator, pipe, generator, ema, config: GeneratorConfig, info: dic
         teacher_card = os.path.join(config.pipeline, "README.md")
         with replace_folder(folder) as tmp:
             out.save_pretrained(tmp)
-            card = "# DMMD pipeline\n"
-            if os.path.isfile(teacher_card):
-                with open(teacher_card) as f:
-                    card = f.read()
-            card += one_step_card(config, info)
-            with open(os.path.join(tmp, "README.md"), "w") as f:
-                f.write(card)
+            if os.path.isfile(teacher_card):  # the teacher's card, with the generator's section
+                shutil.copyfile(teacher_card, os.path.join(tmp, "README.md"))
+            write_model_card(tmp, one_step=one_step_card(config, info))
         with open(os.path.join(config.output_dir, "generator_summary.json"), "w") as f:
             json.dump(info | {"config": dataclasses.asdict(config)}, f, indent=2)
         logger.info("wrote %s (one-step generator, %s, %d steps)", folder, config.mode, info["steps"])
@@ -321,12 +319,6 @@ def one_step_card(config: GeneratorConfig, info: dict) -> str:
            f"the stop-gradient regression along the DMMD field (kernel {config.field_kernel}, eta {config.field_step_size}, "
            f"tau {config.field_tau})")  # fmt: skip
     last = info.get("last_log") or {}
-    return (
-        "\n\n## One-step generator\n\n"
-        f"This folder also holds `generator/`, a `DMMDGenerator` trained by {how} for {info['steps']} steps "
-        f"({info['optimize_seconds']} s of optimisation); its last logged diversity (mean pairwise distance over the "
-        f"data's) was {last.get('diversity', float('nan')):.2f}. A call samples with it in one network evaluation; "
-        "`use_generator=False` runs the particle flow:\n\n"
-        "```python\nimages = pipe(num_images=8).images                      # one step\n"
-        "images = pipe(num_images=8, use_generator=False).images  # the flow\n```\n"
-    )
+    return (f"`generator/` is a `DMMDGenerator` (x = z + UNet(z) at a fixed timestep) trained by {how} for "
+            f"{info['steps']} steps ({info['optimize_seconds']} s of optimisation); its last logged diversity (mean "
+            f"pairwise distance over the data's) was {last.get('diversity', float('nan')):.2f}.")  # fmt: skip

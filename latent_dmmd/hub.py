@@ -40,6 +40,15 @@ def _objective(cfg: dict) -> str:
             f"{cfg.get('lambda_l2', 1e-3)}, gradient penalty {cfg.get('lambda_gp', 1.0)}{lazy}")
 
 
+def _clock(info: dict, budget: str) -> str | None:
+    """The card's wall-clock row: the run's seconds, or for a run resumed over several sessions (or a checkpoint
+    exported afterwards) the optimisation seconds its checkpoints summed (``progress.json``)."""
+    seconds, optimize = info.get("train_seconds"), info.get("optimize_seconds")
+    if optimize and optimize > (seconds or 0):
+        return f"{optimize:,.0f} s of optimisation ({optimize / 3600:.2f} h), summed over resumed sessions"
+    return f"{seconds} s{budget}" if seconds else None
+
+
 # what a card said, kept in the card itself (an HTML comment, invisible on the Hub) so that a
 # refresh without the run's config keeps it
 CARD_STATE = "<!-- latent_dmmd card: {} -->"
@@ -111,12 +120,16 @@ def write_model_card(
     vae_note: str | None = None,
     limitations: list[str] | None = None,
     name: str | None = None,
+    one_step: str | None = None,
+    samplers: dict | None = None,
 ) -> str:
     """Render the model card (README.md) of a pipeline folder.
 
     ``config`` is the training config (dataclass or dict); ``info`` the run summary;
     ``metrics_file`` a ``metrics.json`` of ``scripts/evaluate.py`` whose numbers and protocol go
-    into both the YAML ``model-index`` and the body; ``limitations`` extra bullets for the card; ``name`` the model's name (default: from the repo id).
+    into both the YAML ``model-index`` and the body; ``limitations`` extra bullets for the card; ``name`` the model's name (default: from the repo id);
+    ``one_step`` how the folder's one-step generator was trained, and ``samplers`` (:func:`sampler_rows`) its
+    measured rows beside the flow's. What is not given is kept from the existing card.
     """
     import dataclasses
 
@@ -187,7 +200,7 @@ def write_model_card(
         "objective": _objective(cfg) if cfg else None,
         "steps × batch": f"{steps} × {cfg.get('train_batch_size')} ({info.get('num_processes', 1)} process(es))"
         if steps and cfg.get("train_batch_size") else None,
-        "wall-clock": f"{info['train_seconds']} s{budget}" if info.get("train_seconds") else None,
+        "wall-clock": _clock(info, budget),
         "reference statistics": f"over {disc.get('reference_count')} training samples"
         + (" (each image and its mirror image)" if cfg.get("random_flip") else ""),
     }
@@ -206,8 +219,13 @@ def write_model_card(
     vae_note = vae_note or previous.get("vae_note")
     data_terms = data_terms or previous.get("data_terms")
     limitations = limitations or previous.get("limitations") or []
+    one_step = one_step or previous.get("one_step")
+    samplers = samplers or previous.get("samplers")
+    if not os.path.isdir(os.path.join(folder, "generator")):  # a folder saved without its generator
+        one_step = samplers = None
     keep = {"training": training, "metrics": metrics, "protocol": protocol, "sample_grid": sample_grid,
-            "vae_note": vae_note, "data_terms": data_terms, "limitations": limitations}  # fmt: skip
+            "vae_note": vae_note, "data_terms": data_terms, "limitations": limitations, "one_step": one_step,
+            "samplers": samplers}  # fmt: skip
     card = ModelCard.from_template(
         card_data,
         template_str=_template(),
@@ -228,6 +246,9 @@ def write_model_card(
         reference=sched.config.reference,
         data_terms=data_terms,
         limitations=limitations,
+        one_step=one_step,
+        samplers=(samplers or {}).get("rows"),
+        samplers_protocol=(samplers or {}).get("protocol"),
     )
     card.text = card.text.rstrip() + "\n\n" + CARD_STATE.format(json.dumps(keep, ensure_ascii=False)) + "\n"
     path = os.path.join(folder, "README.md")
@@ -235,28 +256,41 @@ def write_model_card(
     return path
 
 
-def benchmark_metrics(pipe, benchmark: str, path: str, resolution: int, model: str | None = None) -> None:
-    """Write a ``metrics.json`` (the ``latent-dmmd evaluate`` format) from the DMMD row of a quality
-    benchmark (``benchmarks/results/quality_*.json``) that used this pipeline's own sampler (T, N_s,
-    step size); ``model`` names the row's model when the benchmark scored several."""
+def benchmark_metrics(pipe, benchmark: str, path: str, resolution: int, model: str | None = None,
+                      step: int | None = None) -> None:
+    """Write a ``metrics.json`` (the ``latent-dmmd evaluate`` format) from the DMMD row of a benchmark that used
+    this pipeline's own sampler: a quality benchmark (``benchmarks/results/quality_*.json``; its T, N_s and step
+    size; ``model`` names the row's model when it scored several) or a learning curve (``curve_*.json``; the row of
+    the checkpoint at ``step``, the run's trained steps, with these calibrated step sizes)."""
     from .records import sampling_protocol, write_metrics
 
     with open(benchmark) as f:
         record = json.load(f)
-    cfg = pipe.scheduler.config
-    rows = [r for r in record["rows"] if r["method"] == "dmmd" and r["levels"] == cfg.num_inference_steps
-            and r["flow_steps"] == cfg.flow_steps_per_level and r.get("step_size") == cfg.step_size
-            and (model is None or r.get("model", "dmmd") == model)]  # fmt: skip
+    cfg, a = pipe.scheduler.config, record.get("args", {})
+    if "dmmd_run" in a:  # benchmarks/curve.py: one DMMD row per scored checkpoint, the largest sample last
+        rows = sorted((r for r in record["rows"] if r["method"] == "dmmd" and r["step"] == step
+                       and r["nfe"] == cfg.num_inference_steps * cfg.flow_steps_per_level
+                       and r.get("step_size") == cfg.step_size and _same_step_sizes(r.get("folder"), cfg)),
+                      key=lambda r: r["num_fake"], reverse=True)  # fmt: skip
+        where = f"for step {step} with this model's step sizes"
+    else:
+        rows = [r for r in record["rows"] if r["method"] == "dmmd" and r.get("levels") == cfg.num_inference_steps
+                and r.get("flow_steps") == cfg.flow_steps_per_level and r.get("step_size") == cfg.step_size
+                and (model is None or r.get("model", "dmmd") == model)]  # fmt: skip
+        where = (f"at T={cfg.num_inference_steps}, N_s={cfg.flow_steps_per_level}, eta={cfg.step_size}"
+                 + (f" for model {model!r}" if model else ""))  # fmt: skip
     if not rows:
-        raise ValueError(f"{benchmark} has no DMMD row at T={cfg.num_inference_steps}, N_s={cfg.flow_steps_per_level}, "
-                         f"eta={cfg.step_size}" + (f" for model {model!r}" if model else ""))  # fmt: skip
-    row, a = rows[0], record["args"]
-    folders = a["dmmd"] if isinstance(a["dmmd"], list) else [a["dmmd"]]  # NAME=FOLDER items, or one folder
-    named = dict(item.split("=", 1) if "=" in item else ("dmmd", item) for item in folders)
-    protocol = sampling_protocol(pipe, named.get(row.get("model", "dmmd"), folders[0]), row["num_fake"], row["num_real"],
-                                 resolution, a["reference"], a["reference_first_index"],
-                                 row["seconds_per_image"] * row["num_fake"], {}, particles_per_batch=a["batch_size"],
-                                 seed=a["seed"])  # fmt: skip
+        raise ValueError(f"{benchmark} has no DMMD row {where}")
+    row = rows[0]
+    if "dmmd_run" in a:
+        scored = row["folder"]
+    else:
+        folders = a["dmmd"] if isinstance(a["dmmd"], list) else [a["dmmd"]]  # NAME=FOLDER items, or one folder
+        named = dict(item.split("=", 1) if "=" in item else ("dmmd", item) for item in folders)
+        scored = named.get(row.get("model", "dmmd"), folders[0])
+    protocol = sampling_protocol(pipe, scored, row["num_fake"], row["num_real"], resolution, a["reference"],
+                                 a["reference_first_index"], row["seconds_per_image"] * row["num_fake"], {},
+                                 particles_per_batch=a["batch_size"], seed=a["seed"])  # fmt: skip
     protocol["source"] = benchmark
     if a.get("metric_features", "inception") != "inception":  # the benchmark scored in another feature space
         from .dinov2 import PREPROCESSING
@@ -265,6 +299,37 @@ def benchmark_metrics(pipe, benchmark: str, path: str, resolution: int, model: s
         protocol["feature_extractor"] = f"DINOv2 ({a.get('dinov2_model')}), {PREPROCESSING}"
     keys = ("fid", "kid", "kid_std", "num_fake", "num_real", "precision", "recall")
     write_metrics(path, {k: row[k] for k in keys if k in row} | {"features": protocol["features"]}, protocol)
+
+
+def sampler_rows(benchmark: str) -> dict:
+    """The one-step generator's and the flow's rows of ``benchmarks/onestep.py --pipeline`` (its JSON), as the
+    card shows them: ``{"rows": [...], "protocol": "..."}``."""
+    with open(benchmark) as f:
+        record = json.load(f)
+    names = {"onestep": "one-step generator", "flow": "particle flow"}
+    rows = [r for r in record.get("rows", []) if r.get("method") in names]
+    if {r["method"] for r in rows} != set(names):
+        raise ValueError(f"{benchmark} is not a one-step benchmark of a pipeline: it needs an 'onestep' and a 'flow' row")
+    a = record.get("args", {})
+    return {
+        "rows": [{"sampler": names[r["method"]], "nfe": r["nfe"], "fid": f"{r['fid']:.2f}", "kid": f"{r['kid']:.4f}",
+                  "precision": f"{r['precision']:.3f}", "recall": f"{r['recall']:.3f}",
+                  "ms": f"{1e3 * r['seconds_per_image']:.2f}"} for r in rows],  # fmt: skip
+        "protocol": (f"Both rows: {rows[0]['num_fake']} images each against {rows[0]['num_real']} reference images "
+                     f"({a.get('reference')} from index {a.get('reference_first_index', 0)}), Inception features, "
+                     f"k-NN precision/recall (k = {rows[0].get('pr_k', 3)}); `benchmarks/onestep.py`."),
+    }
+
+
+def _same_step_sizes(folder: str | None, cfg) -> bool:
+    """Whether the scored folder's scheduler (when it is still on disk) used the same per-level step sizes."""
+    saved = os.path.join(folder or "", "scheduler", "scheduler_config.json")
+    if not folder or not os.path.isfile(saved):
+        return True
+    with open(saved) as f:
+        scored = json.load(f)
+    return (scored.get("step_size_schedule"), scored.get("calibrated_step_sizes")) == (
+        cfg.get("step_size_schedule"), cfg.get("calibrated_step_sizes"))
 
 
 # what a model folder written by ``ship_run`` may hold at its top level: anything else in an existing
@@ -354,7 +419,7 @@ def ship_run(run: str, dest: str, *, drop_vae: bool = False, sample_grid: bool =
             save_grid(images, os.path.join(tmp, "samples.png"), nrow=8)
         if benchmark:
             metrics_file = os.path.join(scratch, "metrics.json")
-            benchmark_metrics(pipe, benchmark, metrics_file, resolution, benchmark_model)
+            benchmark_metrics(pipe, benchmark, metrics_file, resolution, benchmark_model, info.get("train_steps"))
         write_model_card(tmp, config, info, metrics_file=metrics_file, sample_grid="samples.png" if sample_grid else None,
                          name=card.pop("name", None) or os.path.basename(os.path.normpath(dest)), **card)  # fmt: skip
     return dest

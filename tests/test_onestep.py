@@ -205,3 +205,34 @@ def test_the_sample_command_uses_the_generator_and_runs_the_flow_with_flow(tmp_p
     assert main(["sample", str(tmp_path / "p"), "--num-images", "2", "--step-size", "0.1", "--flow",
                  "--output-dir", str(tmp_path / "c")]) == 0  # fmt: skip
     assert (tmp_path / "c" / "grid.png").is_file()
+
+
+def test_the_card_of_a_one_step_folder_shows_both_samplers_and_survives_a_refresh(tmp_path, capsys):
+    from latent_dmmd.cli import main as cli
+    from latent_dmmd.hub import write_model_card
+
+    pipe = tiny_pipeline()
+    folder = tmp_path / "p"
+    DMMDPipeline(pipe.discriminator, pipe.scheduler, generator=tiny_generator(pipe)).save_pretrained(folder)
+    write_model_card(str(folder), one_step="`generator/` was distilled from 64 flow endpoints.")
+    card = (folder / "README.md").read_text()
+    assert "One-step generator" in card and "distilled from 64 flow endpoints" in card
+    assert "No generator" not in card and "use_generator=False" in card
+    score = {"kid": 0.02, "precision": 0.5, "recall": 0.25, "num_fake": 2000, "num_real": 10000, "pr_k": 3}
+    bench = tmp_path / "onestep_x.json"
+    bench.write_text(json.dumps({"args": {"reference": "t10k.idx"}, "rows": [
+        {"method": "onestep", "nfe": 1, "fid": 31.25, "seconds_per_image": 2e-5, **score},
+        {"method": "flow", "nfe": 20, "fid": 25.5, "seconds_per_image": 0.1, **score},
+        {"method": "ddim", "nfe": 10, "fid": 20.0, "seconds_per_image": 0.01, **score}]}))  # fmt: skip
+    assert cli(["card", str(folder), "--samplers-from-benchmark", str(bench)]) == 0
+    card = (folder / "README.md").read_text()
+    for text in ("| one-step generator | 1 | 31.25 | 0.0200 | 0.500 | 0.250 | 0.02 |",
+                 "| particle flow | 20 | 25.50 |", "2000 images each against 10000", "distilled from 64 flow endpoints"):
+        assert text in card, text
+    assert "20.00" not in card  # the DDIM row is another model's
+    assert cli(["card", str(folder), "--limitation", "small"]) == 0  # a refresh keeps both
+    card = (folder / "README.md").read_text()
+    assert "| one-step generator | 1 | 31.25 |" in card and "distilled from 64 flow endpoints" in card
+    bench.write_text(json.dumps({"rows": [{"method": "flow"}]}))
+    assert cli(["card", str(folder), "--samplers-from-benchmark", str(bench)]) == 2
+    assert "needs an 'onestep' and a 'flow' row" in capsys.readouterr().err

@@ -96,3 +96,43 @@ def test_a_run_from_before_the_fp16_fingerprint_ships_with_it(tmp_path):
     # no path of the machine it was shipped from
     for config in ("model_index.json", "discriminator/config.json", "scheduler/scheduler_config.json"):
         assert str(tmp_path) not in (tmp_path / "model" / config).read_text(), config
+
+
+def test_a_resumed_run_ships_with_its_learning_curve_row_and_summed_clock(tmp_path):
+    """A checkpoint exported after several sessions: the card takes the curve's row of that step (the largest
+    sample, with the model's own step sizes) and the optimisation seconds its checkpoints summed."""
+    pipe = tiny_pipeline()
+    run = tmp_path / "run"
+    pipe.save_pretrained(run / "pipeline")
+    (run / "config.yaml").write_text(yaml.safe_dump({"resolution": 8, "train_batch_size": 4, "max_train_minutes": 1e5}))
+    (run / "training_summary.json").write_text(json.dumps({"train_seconds": 0.6, "train_steps": 8,
+                                                           "optimize_seconds": 7200.0}))  # fmt: skip
+    other = tmp_path / "other" / "scheduler"  # scored at step 8 too, but with other step sizes
+    other.mkdir(parents=True)
+    (other / "scheduler_config.json").write_text(json.dumps({"step_size_schedule": "calibrated",
+                                                            "calibrated_step_sizes": [0.5, 2.0]}))  # fmt: skip
+    cfg = pipe.scheduler.config
+    nfe = cfg.num_inference_steps * cfg.flow_steps_per_level
+    row = lambda step, num, fid, folder: {"method": "dmmd", "step": step, "nfe": nfe, "step_size": cfg.step_size,
+                                          "num_fake": num, "num_real": 300, "fid": fid, "kid": 0.01, "kid_std": 0.001,
+                                          "precision": 0.5, "recall": 0.4, "seconds_per_image": 0.01,
+                                          "folder": str(folder)}  # fmt: skip
+    bench = tmp_path / "curve_x.json"
+    bench.write_text(json.dumps({
+        "args": {"dmmd_run": "outputs/x", "reference": "test.idx", "reference_first_index": 0, "batch_size": 50,
+                 "seed": 0},
+        "rows": [row(4, 2000, 50.0, run / "pipeline"), row(8, 1000, 40.0, run / "pipeline"),
+                 row(8, 2000, 33.3, run / "pipeline"), row(8, 4000, 11.1, tmp_path / "other"),
+                 {"method": "ddim", "step": 8, "nfe": 20, "fid": 1.0}],
+    }))  # fmt: skip
+    dest = tmp_path / "model"
+    assert cli(["card", str(dest), "--from-run", str(run), "--metrics-from-benchmark", str(bench)]) == 0
+    card = (dest / "README.md").read_text()
+    for text in ("33.30", "2000 / 300", "0.500 / 0.400", "7,200 s of optimisation (2.00 h), summed over resumed sessions",
+                 "8 × 4", "reference test.idx from index 0"):  # fmt: skip
+        assert text in card, text
+    assert "11.10" not in card and "40.00" not in card and "0.6 s" not in card
+    # a curve without this step is refused, and nothing is written
+    (run / "training_summary.json").write_text(json.dumps({"train_steps": 16}))
+    assert cli(["card", str(tmp_path / "model2"), "--from-run", str(run), "--metrics-from-benchmark", str(bench)]) == 2
+    assert not (tmp_path / "model2").exists()
