@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shlex
+import time
 
 import torch
 from common import (
@@ -102,12 +103,16 @@ def baseline_rows(folder: str, num: int, args, metric, skip=(), on_row=None) -> 
         if (kind, nfe) in skip:
             continue
         sched = baseline_scheduler(betas, kind, clip_sample_range=clip, timestep_spacing="trailing")
-        chunks = []
+        chunks, seconds = [], 0.0
         for first in range(0, num, args.batch_size):
             k = min(args.batch_size, num - first)
             gens = [torch.Generator().manual_seed(args.seed + first + i) for i in range(k)]
-            chunks.append(to_uint8(((sample_baseline(unet, sched, k, nfe, gens, vae) + 1) / 2).clamp(0, 1)))
-        rows.append({"method": kind, "nfe": nfe, "clip_sample_range": clip, **score(torch.cat(chunks), metric)})
+            start = time.perf_counter()
+            images = sample_baseline(unet, sched, k, nfe, gens, vae)
+            seconds += time.perf_counter() - start
+            chunks.append(to_uint8(((images + 1) / 2).clamp(0, 1)))
+        rows.append({"method": kind, "nfe": nfe, "clip_sample_range": clip, "seconds_per_image": seconds / num,
+                     **score(torch.cat(chunks), metric)})  # fmt: skip
         if on_row is not None:
             on_row(rows[-1])
     return rows

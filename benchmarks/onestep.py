@@ -125,25 +125,42 @@ def images(args) -> None:
         rows.append({"method": label, "nfe": 1 if label == "onestep" else cfg.num_inference_steps * cfg.flow_steps_per_level,
                      "seconds_per_image": seconds / args.num_samples, **curve.score(images_, metric)})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
-    if args.ddpm:
-        curve.BASELINE_POINTS = (("ddim", 1), ("ddim", 10))
-        baseline = argparse.Namespace(batch_size=args.batch_size, seed=0, clip_sample_range=None)
-        rows += curve.baseline_rows(args.ddpm, args.num_samples, baseline, metric)
     summary = os.path.join(os.path.dirname(os.path.normpath(args.pipeline)), "generator_summary.json")
     trained = json.load(open(summary)) if os.path.isfile(summary) else None
+    if trained:
+        rows[0]["train_seconds"] = trained.get("optimize_seconds")
+    curve.BASELINE_POINTS = (("ddim", 1), ("ddim", 10))
+    baseline = argparse.Namespace(batch_size=args.batch_size, seed=0, clip_sample_range=None)
+    for folder in args.ddpm or []:  # DDPM checkpoints of the same backbone (e.g. at equal steps and equal seconds)
+        run = os.path.join(os.path.dirname(os.path.normpath(folder)), "training_summary.json")
+        info = json.load(open(run)) if os.path.isfile(run) else {}
+        for row in curve.baseline_rows(folder, args.num_samples, baseline, metric):
+            rows.append({**row, "baseline": folder, "ddpm_step": info.get("train_steps"),
+                         "train_seconds": info.get("optimize_seconds")})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
     path = write(args.name, {"benchmark": "one-step DMMD, images", "pipeline": args.pipeline, "ddpm": args.ddpm,
                              "generator_training": trained, "args": vars(args), "rows": rows})  # fmt: skip
     print("wrote", path)
+    print(image_report(rows))
+
+
+def image_report(rows: list[dict]) -> str:
+    lines = ["| sampler | NFE | FID | KID | precision | recall | ms / image | training s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        print(f"| {r['method']} | {r['nfe']} | {r['fid']:.1f} | {r['kid']:.4f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-              f"{1e3 * r.get('seconds_per_image', float('nan')):.2f} |")  # fmt: skip
+        label = r["method"] + (f" (DDPM step {r['ddpm_step']:,})" if r.get("ddpm_step") else "")
+        train = "—" if r.get("train_seconds") is None else f"{r['train_seconds']:,.0f}"
+        lines.append(f"| {label} | {r['nfe']} | {r['fid']:.1f} | {r['kid']:.4f} | {r['precision']:.3f} | "
+                     f"{r['recall']:.3f} | {1e3 * r.get('seconds_per_image', float('nan')):.2f} | {train} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", choices=sorted(TEACHERS), default="digits")
     p.add_argument("--pipeline", default=None, help="images: a pipeline folder with a one-step generator")
-    p.add_argument("--ddpm", default=None, help="images: the DDPM baseline folder of the same backbone (DDIM 1 and 10)")
+    p.add_argument("--ddpm", nargs="+", default=None,
+                   help="images: DDPM baseline folders of the same backbone (DDIM 1 and 10 of each)")
     p.add_argument("--reference", default=None, help="images: reference images (folder or IDX file)")
     p.add_argument("--reference_first_index", type=int, default=0)
     p.add_argument("--reference_count", type=int, default=None)
@@ -169,9 +186,10 @@ def main(argv=None):
         args.name = args.name or "onestep_images"
         args.batch_size = min(args.batch_size, 250)
         return images(args)
-    name = f"onestep_{args.data}"
+    name = args.name or f"onestep_{args.data}"
     if args.report:
-        print(report(json.load(open(os.path.join(RESULTS, name + ".json")))))
+        record = json.load(open(os.path.join(RESULTS, name + ".json")))
+        print(image_report(record["rows"]) if record["benchmark"] == "one-step DMMD, images" else report(record))
         return
 
     data = Dataset(args.data)

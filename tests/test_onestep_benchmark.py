@@ -32,7 +32,7 @@ def test_a_distilled_generator_covers_every_mode_of_the_8_gaussians(tmp_path, mo
     assert [e["step"] for e in field["log"]] == [25, 50] and all(e["diversity"] > 0 for e in field["log"])
 
 
-def test_the_image_mode_scores_the_generator_against_the_folders_own_flow(tmp_path, monkeypatch):
+def test_the_image_mode_scores_the_generator_against_the_folders_own_flow(tmp_path, monkeypatch, capsys):
     import common
     import onestep
     import torch
@@ -57,13 +57,26 @@ def test_the_image_mode_scores_the_generator_against_the_folders_own_flow(tmp_pa
             m.update(batch, real=True)
         return m
 
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    baseline = tmp_path / "ddpm_7" / "baseline"  # a DDPM checkpoint of the same backbone, exported
+    UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), norm_num_groups=4,
+                down_block_types=("DownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(baseline / "unet")  # fmt: skip
+    DDPMScheduler().save_pretrained(baseline / "scheduler")
+    (tmp_path / "ddpm_7" / "training_summary.json").write_text(json.dumps({"train_steps": 7, "optimize_seconds": 3.5}))
+
     monkeypatch.setattr(common, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(onestep, "RESULTS", str(tmp_path / "results"))
     monkeypatch.setattr(onestep, "reference_metric", metric)
     onestep.main(["--pipeline", str(tmp_path / "p"), "--reference", str(tmp_path / "ref"), "--num_samples", "6",
-                  "--name", "img"])  # fmt: skip
+                  "--ddpm", str(baseline), "--name", "img"])  # fmt: skip
     rows = json.loads((tmp_path / "results" / "img.json").read_text())["rows"]
-    assert [(r["method"], r["nfe"]) for r in rows] == [("onestep", 1), ("flow", 2)]
-    assert all(r["num_fake"] == 6 and r["fid"] == r["fid"] for r in rows)
+    assert [(r["method"], r["nfe"]) for r in rows] == [("onestep", 1), ("flow", 2), ("ddim", 1), ("ddim", 10)]
+    assert all(r["num_fake"] == 6 and r["fid"] == r["fid"] and r["seconds_per_image"] > 0 for r in rows)
+    assert [r.get("ddpm_step") for r in rows] == [None, None, 7, 7] and rows[2]["train_seconds"] == 3.5
+    onestep.main(["--report", "--name", "img"])
+    assert "| ddim (DDPM step 7) | 10 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no one-step generator"):
         pipe.save_pretrained(tmp_path / "plain")
         onestep.main(["--pipeline", str(tmp_path / "plain"), "--reference", str(tmp_path / "ref"), "--name", "x"])
