@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="training flags of the DMMD exports, one string (default: step sizes calibrated on training "
                         "data, the library's rule; e.g. add --reference_max_samples 2000 for cheaper statistics)")
     p.add_argument("--scratch", default="runs/curve", help="folder of the exported checkpoints")
+    p.add_argument("--equal_seconds", choices=("all", "last", "none"), default="all",
+                   help="score the DDPM checkpoint nearest in seconds for every DMMD point, the last only, or none "
+                        "(the baseline's own points still plot against their seconds)")  # fmt: skip
     add_real_features_arg(p)
     add_name_arg(p, "curve")
     args = p.parse_args(argv)
@@ -200,7 +203,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         todo = [("dmmd", args.dmmd_run, step, "equal_steps")]
         if args.ddpm_run:
             todo.append(("ddpm", args.ddpm_run, step, "equal_steps"))
-            todo.append(("ddpm", args.ddpm_run, nearest_in_seconds(ddpm_clock, dmmd_clock[step]), "equal_seconds"))
+            if step in dmmd_clock and (args.equal_seconds == "all" or args.equal_seconds == "last" and step == max(args.steps)):
+                todo.append(("ddpm", args.ddpm_run, nearest_in_seconds(ddpm_clock, dmmd_clock[step]), "equal_seconds"))
         for kind, run, at, comparison in todo:
             nfes = [n for m, n in BASELINE_POINTS] if kind == "ddpm" else [None]
             if kind == "dmmd" and any(k[:2] == ("dmmd", at) and k[3] == num for k in done):

@@ -65,6 +65,9 @@ def test_curve_scores_dmmd_and_the_baseline_per_checkpoint_and_resumes(tmp_path,
     assert (tmp_path / "results" / "c.png").is_file()
     again = curve.main(argv)  # every point is there: nothing is sampled again
     assert again == saved["rows"]
+    # a later point whose checkpoint does not exist yet is skipped, not an error
+    later = argv[: argv.index("--steps")] + ["--steps", "2", "16", "--equal_seconds", "none"] + argv[argv.index("--reference"):]
+    assert curve.main(later) == saved["rows"]
 
 
 def math_ok(row):
