@@ -80,7 +80,10 @@ def dmmd_row(folder: str, num: int, args, metric) -> dict:
     particles = {}
     images, seconds = generate(pipe, num, args.batch_size, args.seed, particles=particles, progress=True)
     cfg = pipe.scheduler.config
+    summary = os.path.join(os.path.dirname(os.path.normpath(folder)), "training_summary.json")
+    statistics = json.load(open(summary)).get("reference_count") if os.path.isfile(summary) else None
     return {"nfe": cfg.num_inference_steps * cfg.flow_steps_per_level, "sampler": cfg.step_size_schedule or "constant",
+            "statistics_samples": statistics,
             "step_size": cfg.step_size, "noise_memory_r2": noise_memory(particles["initial"], particles["final"])["r2"],
             "seconds_per_image": seconds / num, **score(images, metric)}  # fmt: skip
 
