@@ -67,29 +67,15 @@ def add_real_features_arg(p) -> None:
 
 
 def reference_metric(args, resolution: int, kid_subset_size: int = 100):
-    """A ``FIDKID`` holding the reference set's features at ``resolution``: loaded from ``--real_features``
-    when that file holds this very set, else computed (and saved there, atomically, when the flag is given)."""
-    from latent_dmmd.evaluation import FIDKID, metric_features, reference_images
+    """``latent_dmmd.evaluation.reference_metric`` from a benchmark's reference flags (``--real_features`` the cache)."""
+    from latent_dmmd.evaluation import reference_metric as metric
 
-    kind = getattr(args, "metric_features", "inception")
-    extractor, num_features, _ = metric_features(kind, getattr(args, "dinov2_model", None))
-    metric = FIDKID(kid_subset_size=kid_subset_size, extractor=extractor, num_features=num_features)
-    key = [args.reference, args.reference_first_index, args.reference_count, resolution]
-    if kind != "inception":  # caches written before the flag hold Inception features under the plain key
-        key.append([kind, args.dinov2_model])
-    cache = getattr(args, "real_features", None)
-    if cache and os.path.isfile(cache):
-        saved = torch.load(cache, weights_only=True)
-        if saved["key"] != key:
-            raise SystemExit(f"{cache} holds the features of another reference set: {saved['key']}, not {key}")
-        metric.add_features(saved["features"], real=True)
-        return metric
-    for batch in reference_images(args.reference, resolution, args.reference_first_index, args.reference_count):
-        metric.update(batch, real=True)
-    if cache:
-        torch.save({"key": key, "features": metric.real_features()}, cache + ".tmp")
-        os.replace(cache + ".tmp", cache)
-    return metric
+    try:
+        return metric(args.reference, resolution, args.reference_first_index, args.reference_count,
+                      features=getattr(args, "metric_features", "inception"), dinov2_model=getattr(args, "dinov2_model", None),
+                      cache=getattr(args, "real_features", None), kid_subset_size=kid_subset_size)  # fmt: skip
+    except ValueError as err:  # a cache of another set
+        raise SystemExit(str(err)) from None
 
 
 def add_name_arg(p, default: str) -> None:

@@ -63,5 +63,8 @@ def evaluate_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "DINOv2 ViT's CLS token (FD-DINOv2, KD-DINOv2; Stein et al. 2023)")  # fmt: skip
     p.add_argument("--dinov2_model", default="facebook/dinov2-base",
                    help="DINOv2 weights for --metric_features dinov2: a Hub id or a local folder")  # fmt: skip
+    p.add_argument("--real_features", default=None,
+                   help="file caching the reference set's features: computed and saved if absent, loaded if it holds "
+                        "this very set (a 10k-image reference is half an hour of Inception on a CPU)")  # fmt: skip
     p.add_argument("--output", default="metrics.json", help="metrics JSON to write; a sample grid goes next to it")
     return p

@@ -73,6 +73,17 @@ def test_evaluate_script_writes_metrics_with_protocol(inception, tmp_path):
     assert proto["reference"]["resolution"] == 8 and "bilinear" in proto["feature_extractor"]
     assert {"torch", "diffusers", "torchmetrics", "device"} <= set(record["environment"])
     assert (tmp_path / "m" / "metrics_samples.png").exists()
+    # --real_features: the reference features computed once, then loaded (same numbers); another set's cache refused
+    cache = tmp_path / "ref_features.pt"
+    argv = [str(tmp_path / "pipe"), "--reference", str(tmp_path / "ref"), "--num_samples", "6", "--batch_size", "3",
+            "--kid_subset_size", "4", "--real_features", str(cache)]  # fmt: skip
+    first = evaluate_main([*argv, "--output", str(tmp_path / "a.json")])["metrics"]
+    assert cache.is_file()
+    again = evaluate_main([*argv, "--output", str(tmp_path / "b.json")])["metrics"]
+    assert again["fid"] == pytest.approx(first["fid"], rel=1e-6) and again["num_real"] == 8
+    assert first["fid"] == pytest.approx(record["metrics"]["fid"], rel=1e-6)
+    with pytest.raises(ValueError, match="another reference set"):
+        evaluate_main([*argv, "--reference_count", "7", "--output", str(tmp_path / "c.json")])
 
 
 def test_precision_recall_separate_fidelity_from_coverage():
