@@ -46,11 +46,15 @@ def progress(run: str) -> dict[int, float]:
         return {r["step"]: r["optimize_seconds"] for r in map(json.loads, f)}
 
 
+def export_folder(kind: str, run: str, step: int, scratch: str) -> str:
+    return os.path.join(scratch, f"{kind}_{os.path.basename(os.path.normpath(run))}_{step}")
+
+
 def exported(kind: str, run: str, step: int, scratch: str, overrides: list[str]) -> str:
     """The exported folder of ``run``'s checkpoint-``step`` (exported once, then reused)."""
     from latent_dmmd.training import export_checkpoint
 
-    out = os.path.join(scratch, f"{kind}_{os.path.basename(os.path.normpath(run))}_{step}")
+    out = export_folder(kind, run, step, scratch)
     for folder in ("pipeline", "baseline"):
         if os.path.isdir(os.path.join(out, folder)):
             return os.path.join(out, folder)
@@ -81,9 +85,9 @@ def dmmd_row(folder: str, num: int, args, metric) -> dict:
     images, seconds = generate(pipe, num, args.batch_size, args.seed, particles=particles, progress=True)
     cfg = pipe.scheduler.config
     summary = os.path.join(os.path.dirname(os.path.normpath(folder)), "training_summary.json")
-    statistics = json.load(open(summary)).get("reference_count") if os.path.isfile(summary) else None
+    info = json.load(open(summary)) if os.path.isfile(summary) else {}
     return {"nfe": cfg.num_inference_steps * cfg.flow_steps_per_level, "sampler": cfg.step_size_schedule or "constant",
-            "statistics_samples": statistics,
+            "statistics_samples": info.get("reference_count"), "step_size_selection": info.get("step_size_selection"),
             "step_size": cfg.step_size, "noise_memory_r2": noise_memory(particles["initial"], particles["final"])["r2"],
             "seconds_per_image": seconds / num, **score(images, metric)}  # fmt: skip
 
@@ -128,10 +132,10 @@ def nearest_in_seconds(clock: dict[int, float], seconds: float) -> int:
 def plot(rows: list[dict], path: str) -> None:
     pyplot = plt()
     fig, axes = pyplot.subplots(1, 3, figsize=(15, 4.2))
-    curves = sorted({(r["method"], r["nfe"]) for r in rows}, key=lambda c: (c[0] != "dmmd", c))
-    for method, nfe in curves:
-        sel = sorted((r for r in rows if (r["method"], r["nfe"]) == (method, nfe)), key=lambda r: r["step"])
-        label = f"{method.upper()} NFE {nfe}"
+    curves = sorted({(r["method"], r["nfe"], rule(r)) for r in rows}, key=lambda c: (c[0] != "dmmd", c))
+    for method, nfe, how in curves:
+        sel = sorted((r for r in rows if (r["method"], r["nfe"], rule(r)) == (method, nfe, how)), key=lambda r: r["step"])
+        label = f"{method.upper()} NFE {nfe}" + (f" ({how})" if how else "")
         style = "o-" if method == "dmmd" else "s--"
         axes[0].plot([r["step"] for r in sel], [r["fid"] for r in sel], style, label=label)
         axes[1].plot([r["train_seconds"] / 3600 for r in sel], [r["fid"] for r in sel], style, label=label)
@@ -144,12 +148,19 @@ def plot(rows: list[dict], path: str) -> None:
     save_figure(fig, path)
 
 
+def rule(row: dict) -> str:
+    """A DMMD row's step rule: calibrated per level, or the constant eta the export selected."""
+    if row["method"] != "dmmd" or "sampler" not in row:
+        return ""
+    return "calibrated" if row["sampler"] == "calibrated" else f"eta {row['step_size']:g}"
+
+
 def report(rows: list[dict]) -> str:
     """The curve as a markdown table: per step, DMMD and every baseline point (equal steps, then equal seconds)."""
     lines = ["| step | optimisation s | sampler | NFE | samples | FID | KID | precision | recall | compared at |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in sorted(rows, key=lambda r: (r["step"], r["method"] != "dmmd", r["method"], r["nfe"])):
-        name = "DMMD" if r["method"] == "dmmd" else r["method"].upper()
+        name = r["method"].upper() + (f" ({rule(r)})" if rule(r) else "")
         lines.append(f"| {r['step']:,} | {r['train_seconds']:,.0f} | {name} | {r['nfe']} | {r['num_fake']:,} | {r['fid']:.1f} | "
                      f"{r['kid']:.4f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['comparison'].replace('_', ' ')} |")  # fmt: skip
     return "\n".join(lines)
@@ -210,8 +221,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 todo.append(("ddpm", args.ddpm_run, nearest_in_seconds(ddpm_clock, dmmd_clock[step]), "equal_seconds"))
         for kind, run, at, comparison in todo:
             nfes = [n for m, n in BASELINE_POINTS] if kind == "ddpm" else [None]
-            if kind == "dmmd" and any(k[:2] == ("dmmd", at) and k[3] == num for k in done):
-                continue
+            if kind == "dmmd" and any(r["method"] == "dmmd" and r["step"] == at and r["num_fake"] == num
+                                      and r["folder"].startswith(export_folder("dmmd", run, at, args.scratch)) for r in rows):
+                continue  # this export (its scratch folder: its step rule) is scored at this sample count
             if kind == "ddpm" and all(any(k[1:] == (at, n, num) for k in done) for n in nfes):
                 continue
             clock = dmmd_clock if kind == "dmmd" else ddpm_clock

@@ -322,12 +322,19 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
             x = torch.cat([encode_images(pipe.vae, chunk).mean for chunk in x.split(32)])
     pipe.set_progress_bar_config(disable=True)
     calibration = calibrate_pipeline(pipe, x, generator=torch.Generator().manual_seed(args.seed), step_size=args.step_size)
+    chosen = ""
+    if args.select:
+        from .calibration import select_step_rule
+
+        selection = select_step_rule(pipe, x, generator=torch.Generator().manual_seed(args.seed + 1), progress=True)
+        distances = ", ".join(f"{k} {v:.4g}" for k, v in selection.distances.items())
+        chosen = f"; the flow that lands closest to them: {selection.chosen} (energy distances {distances})"
     vae = pipe.vae if args.vae is None else None  # an attached autoencoder is not written into the folder
     from .pipelines import DMMDPipeline
 
     DMMDPipeline(pipe.discriminator, pipe.scheduler, vae=vae).save_pretrained(out)
     steps = ", ".join(f"{t}: {s:.3g}" for t, s in zip(calibration.timesteps, calibration.step_sizes))
-    print(f"calibrated on {x.shape[0]} images ({args.data} from {args.first_index}); step sizes per level {steps} -> {out}")
+    print(f"calibrated on {x.shape[0]} images ({args.data} from {args.first_index}); step sizes per level {steps}{chosen} -> {out}")
 
 
 def cmd_card(args: argparse.Namespace) -> None:
@@ -474,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--step-size", dest="step_size", type=_positive_float, default=1.0,
                            help="multiplier of the calibrated steps stored with them")  # fmt: skip
     calibrate.add_argument("--seed", type=int, default=0, help="seed of the particles' noise and the targets' noise")
+    calibrate.add_argument("--no-select", dest="select", action="store_false",
+                           help="keep the calibrated steps (default: keep them or a constant eta, whichever flow lands "
+                                "closest to the images in energy distance)")  # fmt: skip
     calibrate.add_argument("--output", default=None, help="write the calibrated model here")
     calibrate.add_argument("--in-place", dest="in_place", action="store_true", help="update the model folder itself")
     calibrate.set_defaults(func=cmd_calibrate)

@@ -136,9 +136,69 @@ def test_cli_calibrate_stores_the_steps_and_refuses_without_a_destination(tmp_pa
     write_image_folder(tmp_path / "train", n=12, size=8)
     assert cli(["calibrate", str(tmp_path / "m"), "--data", str(tmp_path / "train")]) == 2
     assert "--output" in capsys.readouterr().err
-    assert cli(["calibrate", str(tmp_path / "m"), "--data", str(tmp_path / "train"), "--output", str(tmp_path / "c")]) == 0
+    assert cli(["calibrate", str(tmp_path / "m"), "--data", str(tmp_path / "train"), "--output", str(tmp_path / "c"),
+                "--no-select"]) == 0  # fmt: skip
     assert "calibrated on 12 images" in capsys.readouterr().out
     calibrated = DMMDPipeline.from_pretrained(tmp_path / "c")
     c = calibrated.scheduler.config
     assert c.step_size_schedule == "calibrated" and len(c.calibrated_step_sizes) == c.num_inference_steps
+    # by default the calibrated steps compete with constant steps on where the whole flow lands
+    assert cli(["calibrate", str(tmp_path / "m"), "--data", str(tmp_path / "train"), "--output", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "lands closest to them: " in out and "constant 1 " in out
+    chosen = out.split("lands closest to them: ")[1].split(" (")[0]
+    c = DMMDPipeline.from_pretrained(tmp_path / "s").scheduler.config
+    assert c.step_size_schedule == ("calibrated" if chosen == "calibrated" else "constant")
     assert DMMDPipeline.from_pretrained(tmp_path / "m").scheduler.config.step_size_schedule == "constant"  # untouched
+
+
+def test_the_selection_prefers_the_constant_step_that_lands_on_the_data():
+    """phi(x) = x, data N(mu, I): a constant step eta multiplies the ensemble mean's error by (1 - eta) per step and
+    keeps the covariance, so eta = 1 lands exactly on the data, 1/3 leaves (2/3)^3 of the error after 3 steps and 3
+    diverges. A calibrated rule with steps of 0.01 barely moves. The ladder from 1 must choose eta 1 over the
+    calibrated rule and both neighbours."""
+    from latent_dmmd.calibration import choose_step_rule
+    from latent_dmmd.flow import sample_flow
+
+    data = gaussian_data(mean=(3.0, -2.0))
+    grid = [999, 400, 0]
+    reference = data.mean(0).expand(len(grid), 2)
+    noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(5))
+
+    def final(step_size_schedule=None, step_size=None):
+        eta = 0.01 if step_size_schedule is None else step_size  # no overrides: the (tiny) calibrated steps
+        return sample_flow(identity, noise.clone(), grid, reference, flow_steps=1, update=eta)
+
+    selection = choose_step_rule(final, data, calibrated=True)
+    assert selection.chosen == "constant 1" and selection.eta == 1.0
+    assert set(selection.distances) == {"calibrated", "constant 1", "constant 3", "constant 0.3333"}
+    assert selection.distances["constant 1"] < 0.01 < selection.distances["constant 0.3333"] < selection.distances["calibrated"]
+    assert math.isinf(selection.distances["constant 3"]) or selection.distances["constant 3"] > 1
+
+
+def test_select_step_rule_replaces_the_scheduler_with_the_flow_that_lands_closest(pipe):
+    """The pipeline wrapper: each candidate's recorded distance is the energy distance of that very sampler's final
+    particles from the same noise (recomputed here through the public call), and the winner is what is stored."""
+    from latent_dmmd import DMMDPipeline
+    from latent_dmmd.calibration import calibrate_pipeline, select_step_rule
+    from latent_dmmd.mmd import energy_distance
+
+    data = torch.rand(32, *pipe.particle_shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    calibrate_pipeline(pipe, data, generator=torch.Generator().manual_seed(0), progress=False)
+    calibrated = pipe.scheduler
+    selection = select_step_rule(pipe, data, generator=torch.Generator().manual_seed(7))
+    assert selection.chosen == min(selection.distances, key=selection.distances.get)
+    assert "calibrated" in selection.distances and "constant 1" in selection.distances
+    noise = torch.randn((32, *pipe.particle_shape), generator=torch.Generator().manual_seed(7))
+    for label, distance in selection.distances.items():
+        overrides = {} if label == "calibrated" else {"step_size_schedule": "constant", "step_size": float(label.split()[1])}
+        variant = DMMDPipeline(pipe.discriminator, type(calibrated).from_config(calibrated.config, **overrides))
+        variant.set_progress_bar_config(disable=True)
+        z = variant(num_images=32, latents=noise.clone(), output_type="latent").images
+        assert float(energy_distance(z, data)) == pytest.approx(distance, rel=1e-3, abs=1e-4), label
+    c = pipe.scheduler.config
+    if selection.eta is None:
+        assert c.step_size_schedule == "calibrated"
+    else:
+        assert c.step_size_schedule == "constant" and c.step_size == selection.eta
+    assert selection.as_record()["chosen"] == selection.chosen and selection.as_record()["num_particles"] == 32

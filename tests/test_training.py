@@ -88,11 +88,19 @@ def test_pixel_smoke_training_skips_corrupt_images_and_exports_a_pipeline(tmp_pa
     assert images.shape == (2, 8, 8, 3)
     card = (tmp_path / "out" / "pipeline" / "README.md").read_text()
     assert "pipeline_tag: unconditional-image-generation" in card and "DMMDPipeline.from_pretrained" in card
-    # the step rule left unset: a step size per level calibrated on training samples at export (issue 26)
+    # the step rule left unset: a step size per level calibrated on training samples at export (issue 26), then the
+    # calibrated steps or a constant eta, whichever flow lands closest to those samples (the choice is recorded)
     c = pipe.scheduler.config
-    assert c.step_size_schedule == "calibrated" and c.calibrated_timesteps == pipe.scheduler.timesteps.tolist()
+    assert c.calibrated_timesteps == pipe.scheduler.timesteps.tolist()
     assert len(c.calibrated_step_sizes) == 3 and all(s > 0 for s in c.calibrated_step_sizes)
     assert summary["step_size_calibration"]["samples"] == 16
+    selection = summary["step_size_selection"]
+    assert selection["num_particles"] == 16 and "calibrated" in selection["energy_distances"]
+    assert selection["chosen"] == min(selection["energy_distances"], key=selection["energy_distances"].get)
+    if selection["chosen"] == "calibrated":
+        assert c.step_size_schedule == "calibrated"
+    else:
+        assert c.step_size_schedule == "constant" and f"constant {c.step_size:.4g}" == selection["chosen"]
 
 
 @pytest.mark.parametrize("flags", [["--step_size_schedule", "constant", "--step_size", "0.3"], ["--step_size", "0.3"]])
@@ -103,7 +111,8 @@ def test_an_explicit_step_rule_is_kept_at_export(tmp_path, flags):
 
 
 def test_a_calibrated_schedule_with_a_step_size_scales_the_calibration(tmp_path):
-    pipe = load(run(tmp_path, "--step_size_schedule", "calibrated", "--step_size", "0.5", steps=2))
+    pipe = load(run(tmp_path, "--step_size_schedule", "calibrated", "--step_size", "0.5", "--step_size_selection", "none",
+                    steps=2))  # fmt: skip
     c = pipe.scheduler.config
     assert c.step_size_schedule == "calibrated" and c.step_size == 0.5
     assert pipe.scheduler.step_sizes() == pytest.approx([0.5 * s for s in c.calibrated_step_sizes])

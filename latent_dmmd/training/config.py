@@ -144,6 +144,9 @@ class TrainConfig:
     calibration_samples: int = _f(512, "training samples whose flow calibrates a step size per level at export (method 5, "
                                        "'calibrated'; used with --step_size_schedule calibrated, or when neither it nor "
                                        "--step_size is given; 0: off)")
+    step_size_selection: str = _f("energy", "after the calibration, keep the calibrated steps or a constant eta (a "
+                                            "factor-3 ladder from 1), whichever flow lands closest to the calibration "
+                                            "samples in energy distance (energy), or keep the calibrated steps (none)")
     # sharing
     push_to_hub: bool = _f(False, "upload the final pipeline folder to the Hub")
     hub_model_id: str | None = _f(None, "Hub repo id for --push_to_hub")
@@ -231,6 +234,8 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.calibration_samples < 0:
             raise ValueError(f"--calibration_samples must be >= 0, got {self.calibration_samples}")
+        if self.step_size_selection not in ("energy", "none"):
+            raise ValueError(f"--step_size_selection must be energy or none, got {self.step_size_selection!r}")
         self.validate_components()
 
     def validate_components(self) -> None:

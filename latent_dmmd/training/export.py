@@ -124,6 +124,14 @@ def export_pipeline(accelerator, model, ema, scheduler, dataset, config: TrainCo
             run_info = run_info | {"step_size_calibration": {"samples": int(data.shape[0]), "step_sizes": calibration.step_sizes}}
             logger.info("calibrated step sizes per level on %d training samples: %s", data.shape[0],
                         ", ".join(f"{s:.3g}" for s in calibration.step_sizes))  # fmt: skip
+            if config.step_size_selection == "energy":
+                from ..calibration import select_step_rule
+
+                selection = select_step_rule(pipe, data, generator=torch.Generator().manual_seed(config.seed + 1),
+                                             progress=accelerator.is_local_main_process)  # fmt: skip
+                run_info = run_info | {"step_size_selection": selection.as_record()}
+                logger.info("step rule chosen on the calibration samples: %s (energy distances: %s)", selection.chosen,
+                            ", ".join(f"{k} {v:.4g}" for k, v in selection.distances.items()))  # fmt: skip
         from ..hub import write_model_card
 
         run_info = run_info | {"reference_count": stats.count if stats is not None else 0, "vae": vae_id}
