@@ -152,7 +152,7 @@ def rule(row: dict) -> str:
     """A DMMD row's step rule: calibrated per level, or the constant eta the export selected."""
     if row["method"] != "dmmd" or "sampler" not in row:
         return ""
-    return "calibrated" if row["sampler"] == "calibrated" else f"eta {row['step_size']:g}"
+    return "calibrated" if row["sampler"] == "calibrated" else f"eta {row['step_size']:.3g}"
 
 
 def report(rows: list[dict]) -> str:
