@@ -223,13 +223,11 @@ def select_step_rule(pipe, data: torch.Tensor, *, generator: torch.Generator | N
     lands 4x closer to the training data (docs/benchmarks.md). Scoring the final particles asks what FID asks.
     ``data`` is in the space the flow runs in (latents for a latent model), never held-out data.
     """
-    from .pipelines import DMMDPipeline
-
     sched = pipe.scheduler
     noise = torch.randn((data.shape[0], *pipe.particle_shape), generator=generator, dtype=torch.float32)
 
-    def final(**overrides) -> torch.Tensor:
-        variant = DMMDPipeline(pipe.discriminator, type(sched).from_config(sched.config, **overrides), vae=pipe.vae)
+    def final(**overrides) -> torch.Tensor:  # the pipeline's own class (no import: schedulers import this module)
+        variant = type(pipe)(pipe.discriminator, type(sched).from_config(sched.config, **overrides), vae=pipe.vae)
         variant.set_progress_bar_config(disable=True)
         return variant(num_images=data.shape[0], latents=noise.clone(), output_type="latent").images.float()
 
