@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> str:
         if step % config.log_every == 0 or step == config.max_train_steps:
             spread = diversity(out, reference)
             log.append({"step": step, "loss": loss.item(), "diversity": spread})
-            bar.set_postfix(loss=f"{float(loss):.4g}", diversity=f"{spread:.2f}")
+            bar.set_postfix(loss=f"{loss.item():.4g}", diversity=f"{spread:.2f}")
             if accelerator.is_main_process:
                 with open(os.path.join(config.output_dir, "generator_log.jsonl"), "a") as f:
                     f.write(json.dumps(log[-1]) + "\n")
