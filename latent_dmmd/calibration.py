@@ -80,7 +80,9 @@ def _search_level(run, target, start: float, factor: float = FACTOR, patience: i
         elif scores[best] < float("inf"):  # patience counts only once something finite was found
             since += 1
     if not scores[best] < float("inf"):
-        raise FloatingPointError("every step size tried gave non-finite particles: the model or its statistics are damaged")
+        err = FloatingPointError("every step size tried gave non-finite particles: the model or its statistics are damaged")
+        err.scores = scores
+        raise err
     return best, particles[best], scores
 
 
@@ -258,13 +260,21 @@ def choose_step_rule(final, target: torch.Tensor, calibrated: bool, progress: bo
             bar.update(1)
         return z
 
-    def constant(eta: float) -> torch.Tensor:
-        etas[f"constant {eta:.4g}"] = eta
-        return scored(f"constant {eta:.4g}", final(step_size_schedule="constant", step_size=eta))
+    def constant(eta: float) -> torch.Tensor:  # _search_level scores it (once) and records a blow-up as inf
+        if bar is not None:
+            bar.update(1)
+        return final(step_size_schedule="constant", step_size=eta)
 
     if calibrated:
         scored("calibrated", final())
-    _search_level(constant, target, SELECT_START, SELECT_FACTOR, SELECT_PATIENCE)
+    try:
+        _, _, scores = _search_level(constant, target, SELECT_START, SELECT_FACTOR, SELECT_PATIENCE)
+    except FloatingPointError as err:  # every constant blew up: the calibrated steps stay if they did not
+        if not calibrated or not distances["calibrated"] < float("inf"):
+            raise
+        scores = err.scores
+    for eta, d in sorted(scores.items()):
+        distances[f"constant {eta:.4g}"], etas[f"constant {eta:.4g}"] = d, eta
     if bar is not None:
         bar.close()
     chosen = min(distances, key=distances.get)

@@ -176,6 +176,29 @@ def test_the_selection_prefers_the_constant_step_that_lands_on_the_data():
     assert math.isinf(selection.distances["constant 3"]) or selection.distances["constant 3"] > 1
 
 
+def test_the_selection_keeps_the_calibrated_steps_when_every_constant_blows_up():
+    """Every constant flow raises (the sampler's non-finite guard): each counts as infinitely far, is recorded as
+    such, and the finite calibrated rule is kept; without a finite candidate the selection refuses."""
+    from latent_dmmd.calibration import choose_step_rule
+
+    data = gaussian_data(mean=(1.0, 1.0))
+    calls = []
+
+    def final(step_size_schedule=None, step_size=None):
+        calls.append(step_size)
+        if step_size_schedule is None:
+            return data + 0.1
+        raise FloatingPointError("non-finite particles")
+
+    selection = choose_step_rule(final, data, calibrated=True)
+    assert selection.chosen == "calibrated" and selection.eta is None
+    assert math.isfinite(selection.distances["calibrated"])
+    constants = {k: v for k, v in selection.distances.items() if k != "calibrated"}
+    assert len(constants) == len(calls) - 1 >= 2 and all(math.isinf(v) for v in constants.values())
+    with pytest.raises(FloatingPointError, match="every step size"):
+        choose_step_rule(final, data, calibrated=False)
+
+
 def test_select_step_rule_replaces_the_scheduler_with_the_flow_that_lands_closest(pipe):
     """The pipeline wrapper: each candidate's recorded distance is the energy distance of that very sampler's final
     particles from the same noise (recomputed here through the public call), and the winner is what is stored."""
