@@ -40,6 +40,15 @@ def timeit_pair(a, b, repeats: int = 5, warmup: int = 1) -> tuple[dict, dict]:
     return summary(ta), summary(tb)
 
 
+def run_summary(folder: str, name: str = "training_summary.json") -> dict:
+    """The run's summary JSON beside an exported folder (``<run>/pipeline`` or ``<run>/baseline``); {} if absent."""
+    path = os.path.join(os.path.dirname(os.path.normpath(folder)), name)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def add_reference_args(p, what: str = "reference images", count: int | None = None, prefix: str = "reference",
                        required: bool = True) -> None:
     """``--reference`` (folder or IDX file), ``--reference_first_index``, ``--reference_count``; ``prefix="data"``

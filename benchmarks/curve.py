@@ -30,6 +30,7 @@ from common import (
     add_reference_args,
     plt,
     reference_metric,
+    run_summary,
     save_figure,
     write,
 )
@@ -84,8 +85,7 @@ def dmmd_row(folder: str, num: int, args, metric) -> dict:
     particles = {}
     images, seconds = generate(pipe, num, args.batch_size, args.seed, particles=particles, progress=True)
     cfg = pipe.scheduler.config
-    summary = os.path.join(os.path.dirname(os.path.normpath(folder)), "training_summary.json")
-    info = json.load(open(summary)) if os.path.isfile(summary) else {}
+    info = run_summary(folder)
     return {"nfe": cfg.num_inference_steps * cfg.flow_steps_per_level, "sampler": cfg.step_size_schedule or "constant",
             "statistics_samples": info.get("reference_count"), "step_size_selection": info.get("step_size_selection"),
             "step_size": cfg.step_size, "noise_memory_r2": noise_memory(particles["initial"], particles["final"])["r2"],

@@ -31,7 +31,7 @@ import os
 import time
 
 import torch
-from common import RESULTS, plt, reference_metric, save_figure, write
+from common import RESULTS, plt, reference_metric, run_summary, save_figure, write
 from convergence import Dataset, Scorer, TimeMLP, diffusion_sample, dmmd_sample, load
 from safetensors.torch import load_file
 
@@ -125,15 +125,13 @@ def images(args) -> None:
         rows.append({"method": label, "nfe": 1 if label == "onestep" else cfg.num_inference_steps * cfg.flow_steps_per_level,
                      "seconds_per_image": seconds / args.num_samples, **curve.score(images_, metric)})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
-    summary = os.path.join(os.path.dirname(os.path.normpath(args.pipeline)), "generator_summary.json")
-    trained = json.load(open(summary)) if os.path.isfile(summary) else None
+    trained = run_summary(args.pipeline, "generator_summary.json") or None
     if trained:
         rows[0]["train_seconds"] = trained.get("optimize_seconds")
     curve.BASELINE_POINTS = (("ddim", 1), ("ddim", 10))
     baseline = argparse.Namespace(batch_size=args.batch_size, seed=0, clip_sample_range=None)
     for folder in args.ddpm or []:  # DDPM checkpoints of the same backbone (e.g. at equal steps and equal seconds)
-        run = os.path.join(os.path.dirname(os.path.normpath(folder)), "training_summary.json")
-        info = json.load(open(run)) if os.path.isfile(run) else {}
+        info = run_summary(folder)
         for row in curve.baseline_rows(folder, args.num_samples, baseline, metric):
             rows.append({**row, "baseline": folder, "ddpm_step": info.get("train_steps"),
                          "train_seconds": info.get("optimize_seconds")})  # fmt: skip
