@@ -14,7 +14,7 @@ run of the script itself, e.g. with configs/debug_cpu.yaml and a handful of step
 ``--curve_steps 1000 2000 4000 8000`` produces the 256² learning curve of issue 27 in one command instead: DMMD
 trained to the last step with a checkpoint at each, DDPM on the same backbone for the same wall-clock (at least the
 same steps), then ``benchmarks/curve.py`` on both (FID/KID/precision/recall against the 500 held-out faces, DMMD
-with calibrated step sizes, DDIM at NFE 20/100 and DDPM at 100), into benchmarks/results/<name>_curve.json:
+with the default step rule (calibrated, then selected on training latents), DDIM at NFE 20/100 and DDPM at 100), into benchmarks/results/<name>_curve.json:
 
     python benchmarks/gpu_256.py --curve_steps 1000 2000 4000 8000 --name gpu_256_h100
 """
