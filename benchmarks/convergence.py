@@ -35,7 +35,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.training_utils import EMAModel
 from torch import nn
 
-from latent_dmmd.calibration import calibrate_step_sizes
+from latent_dmmd.calibration import calibrate_step_sizes, choose_step_rule
 from latent_dmmd.evaluation import FIDKID
 from latent_dmmd.flow import euler_update, sample_flow
 from latent_dmmd.mmd import dmmd_loss, energy_distance, rff_frequencies, rff_map
@@ -228,29 +228,106 @@ def load(method, data, state, arm="gp"):
     return model.eval().requires_grad_(False)
 
 
-def dmmd_sample(model, data, n, seed, args, step_sizes=None):
-    """Reference statistics over the training data, the calibrated step sizes (unless given), the flow."""
+def flow_setup(model, data, seed, args, calibrate=True):
+    """What every DMMD sampling of one model shares: the scheduler, reference statistics over training data, the
+    calibration particles (training data) and, with ``calibrate``, the per-level calibration on them."""
     sched = DMMDScheduler(num_inference_steps=args.levels, flow_steps_per_level=args.flow_steps,
                           t_min=args.t_min)  # fmt: skip
     gen = torch.Generator().manual_seed(10_000 + seed)
     ref_data = data.train.repeat(4, 1) if data.name == "digits" else data.draw(20000, gen)
     stats = compute_reference_statistics(model, ref_data.split(4096), sched.timesteps, sched.alphas_cumprod, generator=gen)
+    cal_data = data.train[torch.randperm(len(data.train), generator=gen)[: args.calibration_particles]]
     calibration = None
-    if step_sizes is None:
-        cal_data = data.train[torch.randperm(len(data.train), generator=gen)[: args.calibration_particles]]
+    if calibrate:
         calibration = calibrate_step_sizes(model, cal_data, sched.timesteps, sched.alphas_cumprod, stats.mean_data,
                                            flow_steps=args.flow_steps, generator=gen)  # fmt: skip
+    return sched, stats, cal_data, calibration
+
+
+def flow(model, sched, stats, noise, step_sizes, flow_steps):
+    try:
+        return sample_flow(model, noise, sched.timesteps, stats.mean_data, flow_steps=flow_steps,
+                           update=euler_update(step_sizes))  # fmt: skip
+    except FloatingPointError:
+        return torch.full_like(noise, float("nan"))
+
+
+def dmmd_sample(model, data, n, seed, args, step_sizes=None):
+    """Reference statistics over the training data, the calibrated step sizes (unless given), the flow."""
+    sched, stats, _, calibration = flow_setup(model, data, seed, args, calibrate=step_sizes is None)
+    if step_sizes is None:
         step_sizes = calibration.step_sizes
     noise = torch.randn(n, data.dim, generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
-    try:
-        x = sample_flow(model, noise, sched.timesteps, stats.mean_data, flow_steps=args.flow_steps,
-                        update=euler_update(step_sizes))  # fmt: skip
-    except FloatingPointError:
-        x = torch.full_like(noise, float("nan"))
+    x = flow(model, sched, stats, noise, step_sizes, args.flow_steps)
     seconds = time.perf_counter() - start
     return x, seconds, {"step_sizes": [float(s) for s in step_sizes],
                         "calibration": None if calibration is None else calibration.distances}  # fmt: skip
+
+
+def select(model, data, seed, args):
+    """The library's default step rule (``choose_step_rule``, as the export runs it): the calibrated steps against
+    constant eta on a factor-3 ladder from 1, each scored by the energy distance of the whole flow's final
+    particles (one noise draw, as many as the calibration samples) to the calibration samples, training data
+    only. Returns the selection and the chosen per-level step sizes."""
+    sched, stats, cal_data, calibration = flow_setup(model, data, seed, args)
+    noise = torch.randn(cal_data.shape, generator=torch.Generator().manual_seed(20_000 + seed))
+
+    def final(step_size_schedule=None, step_size=None):
+        steps = calibration.step_sizes if step_size_schedule is None else [step_size] * args.levels
+        return flow(model, sched, stats, noise.clone(), steps, args.flow_steps)
+
+    selection = choose_step_rule(final, cal_data, calibrated=True)
+    steps = calibration.step_sizes if selection.eta is None else [selection.eta] * args.levels
+    return selection, [float(s) for s in steps]
+
+
+def selection_row(model, data, seed, arm, step, args, scorer, record) -> dict:
+    """One model's row of the step-rule table: the selection, FD of the chosen steps and of them x 1/3 and x 3,
+    and the constant sweep stored for the same model (arm, seed, step) when the JSON has one."""
+    selection, steps = select(model, data, seed, args)
+    row = {"arm": arm, "seed": seed, "step": step, **selection.as_record(), "eta": selection.eta, "step_sizes": steps}
+    for factor in (1.0, 1 / 3, 3.0):
+        x, _, _ = dmmd_sample(model, data, args.num_samples, seed, args, step_sizes=[factor * s for s in steps])
+        row["selected" if factor == 1.0 else f"x{factor:.3g}"] = scorer(x)
+    stored = [r for r in record["rows"] if r["method"] == "dmmd" and r.get("arm", "gp") == arm
+              and r["seed"] == seed and r["step"] == step and r.get("sweep")]  # fmt: skip
+    if stored:
+        const = [s for s in stored[-1]["sweep"] if s["rule"] == "constant" and s["fd"] == s["fd"]]
+        best = min(const, key=lambda s: s["fd"])
+        row["best_constant"] = {"eta": best["eta"], "fd": best["fd"]}
+        row["calibrated_fd"] = stored[-1]["fd"]
+    return row
+
+
+def reselect(args):
+    """The default step rule on every saved DMMD model of ``--data`` (``--arms`` x ``--seeds``, from
+    ``--save_dir``): FD of the selected rule, of the chosen steps x 1/3 and x 3 (the cliff), next to the constant
+    sweep stored for the same model (its last checkpoint's row). Written to the JSON's ``selection`` list."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    data = Dataset(args.data)
+    scorer = Scorer(data)
+    name = args.name or f"convergence_{args.data}"
+    path = os.path.join(RESULTS, name + ".json")
+    with open(path) as f:
+        record = json.load(f)
+    done = record.setdefault("selection", [])
+    for arm in args.arms:
+        for seed in args.seeds:
+            file = os.path.join(args.save_dir, f"{args.data}_dmmd_{arm}_seed{seed}.safetensors")
+            if not os.path.exists(file):
+                print(f"skipped (no saved model): {file}", flush=True)
+                continue
+            with safe_open(file, "pt") as f:
+                step = int(f.metadata()["step"])
+            row = selection_row(load("dmmd", data, load_file(file), arm), data, seed, arm, step, args, scorer, record)
+            done[:] = [r for r in done if (r["arm"], r["seed"]) != (arm, seed)] + [row]
+            with open(path, "w") as f:
+                json.dump(record, f, indent=1)
+            print({"arm": arm, "seed": seed, "chosen": row["chosen"], "fd": row["selected"]["fd"],
+                   "best": row.get("best_constant")}, flush=True)  # fmt: skip
 
 
 @torch.no_grad()
@@ -375,10 +452,13 @@ def run(args):
     record["floor"] = floor | {"what": "held-out real data scored like samples"}
     print("floor", {k: v for k, v in floor.items() if k != "class_share"}, flush=True)
 
-    def add(row):
-        record["rows"].append(row)
+    def save():
         with open(path, "w") as f:
             json.dump(record, f, indent=1)
+
+    def add(row):
+        record["rows"].append(row)
+        save()
 
     for seed in args.seeds:
         for arm in args.arms:
@@ -397,6 +477,11 @@ def run(args):
                     row["sweep"] = sweep(model, data, seed, args, scorer, info["step_sizes"])
                 add(row)
                 print({k: row[k] for k in ("method", "arm", "seed", "step", "fd", "precision", "recall", "coverage")}, flush=True)
+                if i == len(checkpoints) - 1 and args.sweep:  # the default rule next to the sweep (step-rule table)
+                    chosen = selection_row(model, data, seed, arm, ck["step"], args, scorer, record)
+                    selected = record.setdefault("selection", [])
+                    selected[:] = [r for r in selected if (r["arm"], r["seed"]) != (arm, seed)] + [chosen]
+                    save()
         if args.ddpm_max_steps:
             steps_at = geometric_steps(args.first_step, args.ddpm_max_steps)
             checkpoints = train("ddpm", data, seed, set(steps_at), args)
@@ -586,6 +671,19 @@ def report(record) -> str:
         sweep = ", ".join(f"{s['eta']:g}: {s['fd']:.3g}" for s in const)
         out.append(f"| {r['seed']} | {r['fd']:.3g} | {best['fd']:.3g} ({best['eta']:g}) | {r['fd'] / best['fd']:.2f} | "
                    f"{f.get(0.333, float('nan')):.3g} | {f.get(3.0, float('nan')):.3g} | {sweep} |")  # fmt: skip
+    if record.get("selection"):
+        out.append("\nThe default step rule (selected by the final particles' energy distance to training data, "
+                   "`choose_step_rule`) at the last checkpoint: FD of the chosen rule, of its steps × 1/3 and × 3 "
+                   "(the cliff), against the best constant of the sweep:\n")  # fmt: skip
+        out.append("| arm | seed | chosen | FD, selected | best constant FD (eta) | selected / best | × 1/3 | × 3 | P / R |")
+        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in sorted(record["selection"], key=lambda r: (r["arm"], r["seed"])):
+            best, sel = r.get("best_constant"), r["selected"]
+            swept = f"{best['fd']:.3g} ({best['eta']:g})" if best else "—"
+            ratio = f"{sel['fd'] / best['fd']:.2f}" if best else "—"
+            out.append(f"| {r['arm']} | {r['seed']} | {r['chosen']} | {sel['fd']:.3g} | {swept} | {ratio} | "
+                       f"{r['x0.333']['fd']:.3g} | {r['x3']['fd']:.3g} | "
+                       f"{sel['precision']:.2f} / {sel['recall']:.2f} |")  # fmt: skip
     return "\n".join(out)
 
 
@@ -619,6 +717,8 @@ def main(argv=None):
     p.add_argument("--fresh", action="store_true", help="start a new JSON instead of appending rows")
     p.add_argument("--plot_only", action="store_true")
     p.add_argument("--report", action="store_true", help="print the markdown tables of an existing JSON and exit")
+    p.add_argument("--reselect", action="store_true",
+                   help="score the default (selected) step rule on the saved models of --arms x --seeds and exit")
     p.add_argument("--step_cost", action="store_true",
                    help="time a training step of DDPM and of each --arms side by side (alternating rounds) and exit")  # fmt: skip
     args = p.parse_args(argv)
@@ -631,6 +731,9 @@ def main(argv=None):
         with open(path, "w") as f:
             json.dump(record, f, indent=1)
         print(json.dumps({k: round(v["seconds_per_step"] * 1000, 1) for k, v in record["arms"].items()}), "ms/step ->", path)
+        return
+    if args.reselect:
+        reselect(args)
         return
     if args.plot_only or args.report:
         name = args.name or f"convergence_{args.data}"

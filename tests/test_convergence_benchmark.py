@@ -1,5 +1,6 @@
 """benchmarks/convergence.py: its 2-D path reaches a known answer (every checkerboard cell covered, close to
-held-out samples in energy distance) with the library's loss, statistics, calibrated step rule and flow."""
+held-out samples in energy distance) with the library's loss, statistics, calibrated and selected step rules and
+flow."""
 
 import argparse
 import os
@@ -41,3 +42,11 @@ def test_dmmd_on_the_checkerboard_covers_every_cell_after_500_steps():
     assert m["energy_distance"] < 0.01, m  # held-out samples against each other: ~0.002
     assert m["precision"] > 0.7 and m["recall"] > 0.85, m
     assert len(info["step_sizes"]) == 10 and all(s > 0 for s in info["step_sizes"])
+    # the library's default rule (calibrated against constants, by the final particles' energy distance to
+    # the calibration samples) lands on the same answer, and records the candidates it compared
+    selection, steps = convergence.select(model, data, 0, a)
+    assert "calibrated" in selection.distances and len(selection.distances) >= 3
+    assert selection.distances[selection.chosen] == min(selection.distances.values())
+    x, _, _ = convergence.dmmd_sample(model, data, 1000, 0, a, step_sizes=steps)
+    m = convergence.Scorer(data)(x)
+    assert m["coverage"] == 1.0 and m["energy_distance"] < 0.01, m
