@@ -265,7 +265,7 @@ def dmmd_sample(model, data, n, seed, args, step_sizes=None):
                         "calibration": None if calibration is None else calibration.distances}  # fmt: skip
 
 
-def select(model, data, seed, args):
+def _select(model, data, seed, args):
     """The library's default step rule (``choose_step_rule``, as the export runs it): the calibrated steps against
     constant eta on a factor-3 ladder from 1, each scored by the energy distance of the whole flow's final
     particles (one noise draw, as many as the calibration samples) to the calibration samples, training data
@@ -279,16 +279,22 @@ def select(model, data, seed, args):
 
     selection = choose_step_rule(final, cal_data, calibrated=True)
     steps = calibration.step_sizes if selection.eta is None else [selection.eta] * args.levels
-    return selection, [float(s) for s in steps]
+    return selection, [float(s) for s in steps], sched, stats
+
+
+def select(model, data, seed, args):
+    """:func:`_select` without the scheduler and statistics it computed: (selection, chosen per-level steps)."""
+    return _select(model, data, seed, args)[:2]
 
 
 def selection_row(model, data, seed, arm, step, args, scorer, record) -> dict:
     """One model's row of the step-rule table: the selection, FD of the chosen steps and of them x 1/3 and x 3,
     and the constant sweep stored for the same model (arm, seed, step) when the JSON has one."""
-    selection, steps = select(model, data, seed, args)
+    selection, steps, sched, stats = _select(model, data, seed, args)  # its statistics serve the three flows below
     row = {"arm": arm, "seed": seed, "step": step, **selection.as_record(), "eta": selection.eta, "step_sizes": steps}
+    noise = torch.randn(args.num_samples, data.dim, generator=torch.Generator().manual_seed(seed))  # dmmd_sample's
     for factor in (1.0, 1 / 3, 3.0):
-        x, _, _ = dmmd_sample(model, data, args.num_samples, seed, args, step_sizes=[factor * s for s in steps])
+        x = flow(model, sched, stats, noise.clone(), [factor * s for s in steps], args.flow_steps)
         row["selected" if factor == 1.0 else f"x{factor:.3g}"] = scorer(x)
     stored = [r for r in record["rows"] if r["method"] == "dmmd" and r.get("arm", "gp") == arm
               and r["seed"] == seed and r["step"] == step and r.get("sweep")]  # fmt: skip
