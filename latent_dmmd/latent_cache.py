@@ -32,8 +32,11 @@ class CacheMeta:
     count: int
     flip_variants: bool
     latent_shape: list
-    # hash over the source files' names, sizes and modification times (caches before it: "")
+    # hash over the source files' names, sizes and contents (caches before it: "")
     source_digest: str = ""
+    # what source_digest hashes: "content" (bytes), or "mtime" (sizes and modification times, the caches of
+    # version 0.1, refused: a copy of the same images, a fresh checkout of shared data, changed their key)
+    source_key: str = "mtime"
     shards: int = 1  # processes that wrote the cache: latents-r-of-<shards> for r < shards
     kept: int = -1  # latents in the cache (count minus unreadable images); -1: not recorded
 
@@ -50,8 +53,9 @@ class CacheMeta:
 
 
 def source_digest(dataset) -> str:
-    """SHA-256 over what a dataset reads: each image file's path (relative), size and mtime, the IDX
-    file's, or a Hugging Face dataset's fingerprint. A replaced, added or removed image changes it."""
+    """SHA-256 over what a dataset reads: each image file's path (relative), size and content, the IDX
+    file's, or a Hugging Face dataset's fingerprint. A replaced, added or removed image changes it; copying
+    the same files elsewhere or touching them does not (hashing reads the files: about 0.3 s per 100 MB)."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -61,9 +65,12 @@ def source_digest(dataset) -> str:
     if files is not None:
         root = os.path.commonpath([os.path.abspath(f) for f in files]) if len(files) > 1 else ""
         for path in files:
-            st = os.stat(path)
-            digest.update(f"{os.path.relpath(path, root) if root else os.path.basename(path)}|{st.st_size}|"
-                          f"{st.st_mtime_ns}\n".encode())  # fmt: skip
+            content = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    content.update(block)
+            digest.update(f"{os.path.relpath(path, root) if root else os.path.basename(path)}|{os.path.getsize(path)}|"
+                          f"{content.hexdigest()}\n".encode())  # fmt: skip
     else:
         digest.update(str(getattr(getattr(dataset, "ds", None), "_fingerprint", dataset.source)).encode())
     return digest.hexdigest()
@@ -140,6 +147,10 @@ def check_cache(cache_dir: str, expected: CacheMeta) -> None:
         detail = ", ".join(f"{k}: cache has {_short(_lookup(meta, k))!r}, run needs {_short(_lookup(expected, k))!r}"
                            for k in bad)  # fmt: skip
         why = " (the images changed since the cache was built)" if "source_digest" in bad else ""
+        if "source_key" in bad:  # an older cache's digest cannot be compared: say so rather than "changed"
+            bad = [k for k in bad if k != "source_digest"]
+            why = (" (the cache keyed its images on their modification times, which change whenever the data is "
+                   "copied; this version keys them on their content)")
         raise ValueError(f"latent cache {cache_dir} does not match this run ({detail}){why}; rebuild it with "
                          f"--rebuild_cache, or use another --latent_cache_dir")  # fmt: skip
 

@@ -220,6 +220,27 @@ def test_a_cache_of_images_that_changed_is_refused_naming_the_field(tmp_path, ch
     assert LatentCacheDataset(str(cache)).meta.kept == (7 if change == "removed" else 9 if change == "added" else 8)
 
 
+def test_a_cache_survives_its_images_being_touched_but_not_an_older_mtime_key(tmp_path):
+    """Shared data copied afresh onto a machine gets new modification times and the same bytes: the cache
+    keys on the bytes, so it stays valid; a cache keyed on modification times (version 0.1) is refused with
+    the reason, not as "the images changed"."""
+    paths = write_image_folder(tmp_path / "imgs", n=8, size=12)
+    cache = _cache_run(tmp_path)
+    before = (cache / "latents-00000-of-00001.safetensors").read_bytes()
+    for p in paths:
+        os.utime(p, (1_000_000_000, 1_000_000_000))
+    _cache_run(tmp_path)  # accepted (a mismatch would raise)
+    assert (cache / "latents-00000-of-00001.safetensors").read_bytes() == before  # reused, not rebuilt
+
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["source_key"] == "content"
+    del meta["source_key"]  # as version 0.1 wrote it
+    (cache / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="source_key.*modification times.*content.*--rebuild_cache") as err:
+        _cache_run(tmp_path)
+    assert "images changed" not in str(err.value)
+
+
 def test_missing_extra_and_truncated_shards_are_errors_naming_the_file(tmp_path):
     write_image_folder(tmp_path / "imgs", n=8, size=12)
     cache = _cache_run(tmp_path)

@@ -49,6 +49,7 @@ def prepare_latents(accelerator, config: TrainConfig):
         vae=identity, resolution=config.resolution, center_crop=config.center_crop,
         dataset=f"{source}[{config.first_index}:{config.first_index + len(images)}]", count=len(images),
         flip_variants=config.flip_variants, latent_shape=[], source_digest=source_digest(images),
+        source_key="content",
     )  # fmt: skip
     cache = config.cache_dir
     if read_cache_meta(cache) is not None and not config.rebuild_cache:
