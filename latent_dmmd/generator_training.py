@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> str:
         field = FieldSampler(pipe, data, config, accelerator.process_index)
         generator, optimizer = accelerator.prepare(generator, optimizer)
         loader = None
+    from .launch import hold_until_exit
+
+    hold_until_exit(accelerator, generator)  # a distributed run's DDP model must not be freed before the process exits
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
     step, path = resolve_resume(config)

@@ -75,13 +75,28 @@ def die_with_parent(sig: int = signal.SIGTERM) -> bool:
         return False
 
 
+_HELD: list = []  # what a distributed worker keeps alive until its os._exit
+
+
+def hold_until_exit(*objects) -> None:
+    """Keep a distributed run's DDP-wrapped models alive until ``run_worker`` ends the process with
+    ``os._exit``. Freeing a DDP model frees its reducer, whose release destroys gloo's process group with the
+    GIL held and joins its worker threads, one of which may still be dropping the last barrier's work (tensors
+    with Python objects: it waits for the GIL) -- a deadlock in about 1 run out of 6 with two processes on a
+    busy machine (pytorch/pytorch#56297). Held, the group is never destroyed: the process ends without
+    teardown once its outputs are written. A single process holds nothing (in-process callers free the model)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _HELD.extend(objects)
+
+
 def run_worker(main, timeout: float | None = None) -> None:
     """Run a training ``main`` as one process of a distributed run and make sure it exits.
 
     The worker dies with its launcher, and after ``main`` returns (the pipeline is written and
-    fsynced) the process group is torn down under a watchdog: gloo's teardown was seen to hang
-    in a few runs out of many, so after ``timeout`` seconds (``LATENT_DMMD_TEARDOWN_TIMEOUT``,
-    default 60) the process exits anyway, with status 0, since its work is done.
+    fsynced) the process ends with ``os._exit``, never freeing what ``hold_until_exit`` holds (the
+    DDP models, whose release could deadlock). The process group is destroyed first under a
+    watchdog: after ``timeout`` seconds (``LATENT_DMMD_TEARDOWN_TIMEOUT``, default 60) the process
+    exits anyway, with status 0, since its work is done.
     """
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:

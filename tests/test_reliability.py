@@ -421,6 +421,31 @@ def test_a_hanging_process_group_teardown_still_exits(tmp_path):
     assert "did not shut down within 1 s" in proc.stderr
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_distributed_worker_never_frees_its_held_model(tmp_path, world_size):
+    """Freeing a DDP model destroys gloo's process group with the GIL held, which deadlocked the end of about
+    1 two-process run in 6 (the slow multiprocess test timed out in CI): a distributed worker holds its model
+    until os._exit, so that release never runs; a single process frees it as usual."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import os\n"
+        "from latent_dmmd.launch import hold_until_exit, run_worker\n"
+        "class Model:\n"
+        "    def __del__(self):\n"
+        "        open(os.environ['FREED'], 'w').write('released')\n"
+        "def main():\n"
+        "    hold_until_exit(Model())\n"
+        "    open(os.environ['DONE'], 'w').write('pipeline written')\n"
+        "run_worker(main)\n"
+        "import gc; gc.collect()\n"
+    )
+    env = {**os.environ, "WORLD_SIZE": str(world_size), "DONE": str(tmp_path / "done"), "FREED": str(tmp_path / "freed")}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "done").read_text() == "pipeline written"
+    assert (tmp_path / "freed").exists() == (world_size == 1)
+
+
 def test_killing_the_launcher_ends_its_workers(tmp_path):
     """A worker that called die_with_parent() gets SIGTERM when its launcher is killed with SIGKILL."""
     import signal

@@ -363,7 +363,10 @@ def export(run: Run) -> str:
 
 def _train(config: TrainConfig, accelerator, report_to: str | None) -> str:
     """The run once the output folder is claimed: prepare, the loop of steps, export."""
+    from ..launch import hold_until_exit
+
     run = prepare(config, accelerator, report_to)
+    hold_until_exit(run)  # a distributed run's DDP model must not be freed before the process exits
     train_loop(run)
     return export(run)
 
