@@ -469,3 +469,53 @@ def test_a_stashed_run_resumes_on_a_fresh_folder_like_the_uninterrupted_run(tmp_
         assert torch.equal(straight[key], resumed[key]), key
     log = [json.loads(line) for line in (tmp_path / "fresh" / "out" / "progress.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4, 6]  # the clock and its log continue
+
+
+def test_a_stash_with_bfloat16_moments_resumes_close_and_its_scoring_checkpoints_export(tmp_path):
+    """``--optimizer bf16`` halves the newest checkpoint's Adam state (the moments in bfloat16); a resume from it
+    lands near the uninterrupted run (not bit for bit), and a checkpoint kept for the curve without optimiser
+    state is restored with an empty Adam state that ``export_checkpoint`` loads."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import stash_run
+
+    from latent_dmmd.training import export_checkpoint
+
+    (tmp_path / "a").mkdir()
+    run(tmp_path / "a", steps=6)
+    straight = load_file(tmp_path / "a" / "out" / "checkpoint-6" / "model.safetensors")
+    (tmp_path / "b").mkdir()
+    run(tmp_path / "b", steps=4, data=str(tmp_path / "a" / "imgs"))
+    full = torch.load(tmp_path / "b" / "out" / "checkpoint-4" / "optimizer.bin", weights_only=True)
+    stash_run.main(["save", str(tmp_path / "b" / "out"), str(tmp_path / "stash"), "--also", "2", "--optimizer", "bf16"])
+    assert set(os.listdir(tmp_path / "stash" / "checkpoint-4")) >= {"optimizer.bf16.safetensors", "model.safetensors"}
+    assert "optimizer.bin" not in os.listdir(tmp_path / "stash" / "checkpoint-4")
+    assert not {"optimizer.bin", "optimizer.bf16.safetensors"} & set(os.listdir(tmp_path / "stash" / "checkpoint-2"))
+
+    stash_run.main(["restore", str(tmp_path / "stash"), str(tmp_path / "fresh" / "out")])
+    back = torch.load(tmp_path / "fresh" / "out" / "checkpoint-4" / "optimizer.bin", weights_only=True)
+    assert back["param_groups"] == full["param_groups"] and back["state"].keys() == full["state"].keys()
+    for index, entry in full["state"].items():
+        for name, value in entry.items():
+            assert back["state"][index][name].dtype == value.dtype
+            assert torch.allclose(back["state"][index][name], value, rtol=2**-8, atol=0), (index, name)
+    assert "optimizer.bf16.safetensors" not in os.listdir(tmp_path / "fresh" / "out" / "checkpoint-4")
+    empty = torch.load(tmp_path / "fresh" / "out" / "checkpoint-2" / "optimizer.bin", weights_only=True)
+    assert empty["state"] == {} and empty["param_groups"] == full["param_groups"]
+
+    (tmp_path / "fresh" / "imgs").mkdir(parents=True)
+    run(tmp_path / "fresh", "--resume_from_checkpoint", "latest", steps=6, data=str(tmp_path / "a" / "imgs"))
+    resumed = load_file(tmp_path / "fresh" / "out" / "checkpoint-6" / "model.safetensors")
+    moved = max((straight[k] - load_file(tmp_path / "a" / "out" / "checkpoint-4" / "model.safetensors")[k]).abs().max().item()
+                for k in straight)  # fmt: skip
+    worst = max((straight[k] - resumed[k]).abs().max().item() for k in straight)
+    print(f"\nresumed from bfloat16 moments: largest weight difference {worst:.3g}, steps 5-6 moved {moved:.3g}")
+    assert worst < 0.05 * moved, (worst, moved)  # two steps from nearly the same moments: nearly the same weights
+
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    folder = export_checkpoint(str(tmp_path / "fresh" / "out" / "checkpoint-2"), str(tmp_path / "export2"))
+    assert os.path.isfile(os.path.join(folder, "model_index.json"))
+    assert load_file(os.path.join(folder, "..", "checkpoint-2", "model.safetensors")).keys() == straight.keys()
