@@ -252,9 +252,10 @@ def flow(model, sched, stats, noise, step_sizes, flow_steps):
         return torch.full_like(noise, float("nan"))
 
 
-def dmmd_sample(model, data, n, seed, args, step_sizes=None):
-    """Reference statistics over the training data, the calibrated step sizes (unless given), the flow."""
-    sched, stats, _, calibration = flow_setup(model, data, seed, args, calibrate=step_sizes is None)
+def dmmd_sample(model, data, n, seed, args, step_sizes=None, setup=None):
+    """Reference statistics over the training data, the calibrated step sizes (unless given), the flow. ``setup``:
+    what :func:`flow_setup` already computed for this model and seed (the same values; computed once per model)."""
+    sched, stats, _, calibration = setup or flow_setup(model, data, seed, args, calibrate=step_sizes is None)
     if step_sizes is None:
         step_sizes = calibration.step_sizes
     noise = torch.randn(n, data.dim, generator=torch.Generator().manual_seed(seed))
@@ -262,15 +263,16 @@ def dmmd_sample(model, data, n, seed, args, step_sizes=None):
     x = flow(model, sched, stats, noise, step_sizes, args.flow_steps)
     seconds = time.perf_counter() - start
     return x, seconds, {"step_sizes": [float(s) for s in step_sizes],
-                        "calibration": None if calibration is None else calibration.distances}  # fmt: skip
+                        "calibration": None if calibration is None or step_sizes is not calibration.step_sizes
+                        else calibration.distances}  # fmt: skip
 
 
-def _select(model, data, seed, args):
+def _select(model, data, seed, args, setup=None):
     """The library's default step rule (``choose_step_rule``, as the export runs it): the calibrated steps against
     constant eta on a factor-3 ladder from 1, each scored by the energy distance of the whole flow's final
     particles (one noise draw, as many as the calibration samples) to the calibration samples, training data
     only. Returns the selection and the chosen per-level step sizes."""
-    sched, stats, cal_data, calibration = flow_setup(model, data, seed, args)
+    sched, stats, cal_data, calibration = setup or flow_setup(model, data, seed, args)
     noise = torch.randn(cal_data.shape, generator=torch.Generator().manual_seed(20_000 + seed))
 
     def final(step_size_schedule=None, step_size=None):
@@ -287,10 +289,10 @@ def select(model, data, seed, args):
     return _select(model, data, seed, args)[:2]
 
 
-def selection_row(model, data, seed, arm, step, args, scorer, record) -> dict:
+def selection_row(model, data, seed, arm, step, args, scorer, record, setup=None) -> dict:
     """One model's row of the step-rule table: the selection, FD of the chosen steps and of them x 1/3 and x 3,
     and the constant sweep stored for the same model (arm, seed, step) when the JSON has one."""
-    selection, steps, sched, stats = _select(model, data, seed, args)  # its statistics serve the three flows below
+    selection, steps, sched, stats = _select(model, data, seed, args, setup)  # its statistics serve the three flows below
     row = {"arm": arm, "seed": seed, "step": step, **selection.as_record(), "eta": selection.eta, "step_sizes": steps}
     noise = torch.randn(args.num_samples, data.dim, generator=torch.Generator().manual_seed(seed))  # dmmd_sample's
     for factor in (1.0, 1 / 3, 3.0):
@@ -475,16 +477,19 @@ def run(args):
             save_final(args, f"{args.data}_dmmd_{arm}_seed{seed}", checkpoints[-1])
             for i, ck in enumerate(checkpoints):
                 model = load("dmmd", data, ck["state"], arm)
-                x, secs, info = dmmd_sample(model, data, args.num_samples, seed, args)
+                last = i == len(checkpoints) - 1 and args.sweep
+                # the last checkpoint's statistics and calibration serve its sweep and selection too (computed once)
+                setup = flow_setup(model, data, seed, args) if last else None
+                x, secs, info = dmmd_sample(model, data, args.num_samples, seed, args, setup=setup)
                 row = {"method": "dmmd", "arm": arm, "seed": seed, "step": ck["step"], "train_seconds": ck["train_seconds"],
                        "nfe": args.levels * args.flow_steps, "step_rule": "calibrated", "sample_seconds": secs,
                        "nonfinite_steps": ck["nonfinite"], **info, **scorer(x)}  # fmt: skip
-                if i == len(checkpoints) - 1 and args.sweep:
-                    row["sweep"] = sweep(model, data, seed, args, scorer, info["step_sizes"])
+                if last:
+                    row["sweep"] = sweep(model, data, seed, args, scorer, info["step_sizes"], setup)
                 add(row)
                 print({k: row[k] for k in ("method", "arm", "seed", "step", "fd", "precision", "recall", "coverage")}, flush=True)
-                if i == len(checkpoints) - 1 and args.sweep:  # the default rule next to the sweep (step-rule table)
-                    chosen = selection_row(model, data, seed, arm, ck["step"], args, scorer, record)
+                if last:  # the default rule next to the sweep (step-rule table)
+                    chosen = selection_row(model, data, seed, arm, ck["step"], args, scorer, record, setup)
                     selected = record.setdefault("selection", [])
                     selected[:] = [r for r in selected if (r["arm"], r["seed"]) != (arm, seed)] + [chosen]
                     save()
@@ -516,14 +521,15 @@ def save_final(args, name: str, checkpoint: dict) -> None:
     save_file({k: v.contiguous() for k, v in checkpoint["state"].items()}, os.path.join(args.save_dir, name + ".safetensors"), meta)
 
 
-def sweep(model, data, seed, args, scorer, calibrated):
+def sweep(model, data, seed, args, scorer, calibrated, setup=None):
     """FD at constant step sizes and at the calibrated steps × {1/3, 1, 3} (the cliff, before and after)."""
     rows = []
     for eta in args.sweep:
-        x, _, _ = dmmd_sample(model, data, args.num_samples, seed, args, step_sizes=[eta] * args.levels)
+        x, _, _ = dmmd_sample(model, data, args.num_samples, seed, args, step_sizes=[eta] * args.levels, setup=setup)
         rows.append({"rule": "constant", "eta": eta, **scorer(x)})
     for factor in (1 / 3, 3.0):
-        x, _, _ = dmmd_sample(model, data, args.num_samples, seed, args, step_sizes=[factor * s for s in calibrated])
+        x, _, _ = dmmd_sample(model, data, args.num_samples, seed, args, step_sizes=[factor * s for s in calibrated],
+                              setup=setup)  # fmt: skip
         rows.append({"rule": "calibrated", "factor": factor, **scorer(x)})
     return rows
 

@@ -42,9 +42,15 @@ def test_dmmd_on_the_checkerboard_covers_every_cell_after_500_steps():
     assert m["energy_distance"] < 0.01, m  # held-out samples against each other: ~0.002
     assert m["precision"] > 0.7 and m["recall"] > 0.85, m
     assert len(info["step_sizes"]) == 10 and all(s > 0 for s in info["step_sizes"])
+    # run() computes a model's statistics and calibration once for its sample, sweep and selection: same numbers
+    setup = convergence.flow_setup(model, data, 0, a)
+    again, _, info_again = convergence.dmmd_sample(model, data, 1000, 0, a, setup=setup)
+    assert torch.equal(again, x) and info_again == info
     # the library's default rule (calibrated against constants, by the final particles' energy distance to
     # the calibration samples) lands on the same answer, and records the candidates it compared
     selection, steps = convergence.select(model, data, 0, a)
+    shared, shared_steps = convergence._select(model, data, 0, a, setup)[:2]
+    assert shared.distances == selection.distances and shared_steps == steps
     assert "calibrated" in selection.distances and len(selection.distances) >= 3
     assert selection.distances[selection.chosen] == min(selection.distances.values())
     x, _, _ = convergence.dmmd_sample(model, data, 1000, 0, a, step_sizes=steps)
