@@ -69,6 +69,25 @@ def exported(kind: str, run: str, step: int, scratch: str, overrides: list[str])
     return folder
 
 
+def resolution(folder: str, kind: str = "ddpm") -> int:
+    """Side of the images an exported folder samples: a DMMD pipeline, or a baseline (its UNet, decoded by its VAE)."""
+    from latent_dmmd.records import output_resolution
+
+    if kind == "dmmd":
+        from latent_dmmd import DMMDPipeline
+
+        return output_resolution(DMMDPipeline.from_pretrained(folder))
+    from diffusers import UNet2DModel
+
+    from latent_dmmd.autoencoders import decode_latents, load_autoencoder
+
+    config = UNet2DModel.load_config(os.path.join(folder, "unet"))
+    if not os.path.isdir(os.path.join(folder, "vae")):
+        return config["sample_size"]
+    z = torch.zeros(1, config["in_channels"], config["sample_size"], config["sample_size"])
+    return int(decode_latents(load_autoencoder(os.path.join(folder, "vae")), z).shape[-1])
+
+
 def score(images: torch.Tensor, metric) -> dict:
     metric.reset_fake()
     metric.update(images, real=False)
@@ -166,6 +185,33 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PARTS = ("dmmd", "equal_steps", "equal_seconds")  # a point's DMMD row, its DDPM rows at equal steps, at equal seconds
+
+
+def merge(name: str, others: list[str]) -> list[dict]:
+    """Fold the rows of other curve results (the same curve scored in parts) into ``name``: a row already there
+    (method, step, NFE, samples, comparison) is kept as it is; then the JSON and plot are rewritten."""
+    path = os.path.join(RESULTS, f"{name}.json")
+    with open(path) as f:
+        record = json.load(f)
+    key = lambda r: (r["method"], r["step"], r["nfe"], r["num_fake"], r["comparison"])  # noqa: E731
+    have = {key(r) for r in record["rows"]}
+    for other in others:
+        with open(os.path.join(RESULTS, f"{other}.json")) as f:
+            theirs = json.load(f)
+        new = [r for r in theirs["rows"] if key(r) not in have]
+        record["rows"] += new
+        have |= {key(r) for r in new}
+        for kind, clock in theirs.get("clock", {}).items():  # the longer clock (a run that went on since)
+            if len(clock) > len(record.get("clock", {}).get(kind, {})):
+                record.setdefault("clock", {})[kind] = clock
+        print(f"{other}: {len(new)} rows merged into {name}")
+    record["rows"].sort(key=lambda r: (r["step"], r["method"] != "dmmd", r["comparison"], r["method"], r["nfe"]))
+    write(name, {k: v for k, v in record.items() if k != "environment"})
+    plot(record["rows"], path)
+    return record["rows"]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     if argv is None:
         import sys
@@ -175,6 +221,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with open(os.path.join(RESULTS, f"{argv[1]}.json")) as f:
             print(report(json.load(f)["rows"]))
         return []
+    if argv[:1] == ["--merge"]:  # curve.py --merge NAME OTHER...
+        return merge(argv[1], argv[2:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dmmd_run", required=True, help="output folder of a DMMD run (its checkpoint-N and progress.jsonl)")
     p.add_argument("--ddpm_run", default=None, help="output folder of the --method ddpm run on the same backbone")
@@ -190,6 +238,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="training flags of the DMMD exports, one string (default: step sizes calibrated on training "
                         "data, the library's rule; e.g. add --reference_max_samples 2000 for cheaper statistics)")
     p.add_argument("--scratch", default="runs/curve", help="folder of the exported checkpoints")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="score only these parts of each point (to split one curve over processes, each with its own "
+                        "--name; then `curve.py --merge NAME OTHER...`)")
     p.add_argument("--equal_seconds", choices=("all", "last", "none"), default="all",
                    help="score the DDPM checkpoint nearest in seconds for every DMMD point, the last only, or none "
                         "(the baseline's own points still plot against their seconds)")  # fmt: skip
@@ -219,6 +270,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             todo.append(("ddpm", args.ddpm_run, step, "equal_steps"))
             if step in dmmd_clock and (args.equal_seconds == "all" or args.equal_seconds == "last" and step == max(args.steps)):
                 todo.append(("ddpm", args.ddpm_run, nearest_in_seconds(ddpm_clock, dmmd_clock[step]), "equal_seconds"))
+        todo = [t for t in todo if (t[0] if t[0] == "dmmd" else t[3]) in args.parts]
         for kind, run, at, comparison in todo:
             nfes = [n for m, n in BASELINE_POINTS] if kind == "ddpm" else [None]
             if kind == "dmmd" and any(r["method"] == "dmmd" and r["step"] == at and r["num_fake"] == num
@@ -231,12 +283,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"skipping {kind} step {at}: no checkpoint yet")
                 continue
             folder = exported(kind, run, at, args.scratch, shlex.split(args.export_flags) if kind == "dmmd" else [])
-            if metric is None:  # at the resolution the DMMD model outputs (decoded, in latent space)
-                from latent_dmmd import DMMDPipeline
-                from latent_dmmd.records import output_resolution
-
-                first = exported("dmmd", args.dmmd_run, step, args.scratch, shlex.split(args.export_flags))
-                metric = reference_metric(args, output_resolution(DMMDPipeline.from_pretrained(first)))
+            if metric is None:  # at the resolution the models output (decoded, in latent space)
+                metric = reference_metric(args, resolution(folder) if kind == "ddpm" else resolution(folder, "dmmd"))
             base = {"step": at, "train_seconds": clock[at], "num_fake": num, "num_real": len(metric.real_features()),
                     "comparison": comparison, "folder": folder}  # fmt: skip
 

@@ -32,7 +32,8 @@ def test_nearest_checkpoint_in_seconds_is_nearest_in_log_time():
     assert curve.nearest_in_seconds(clock, 5000.0) == 8000
 
 
-def test_curve_scores_dmmd_and_the_baseline_per_checkpoint_and_resumes(tmp_path, monkeypatch):
+def two_runs(tmp_path, monkeypatch) -> list[str]:
+    """A DMMD run and a DDPM run of 4 steps on 16 images, results under tmp_path, pixel features: curve.py's flags."""
     data = str(tmp_path / "imgs")
     write_image_folder(data, n=16, size=12)
     for method in ("dmmd", "ddpm"):
@@ -48,9 +49,13 @@ def test_curve_scores_dmmd_and_the_baseline_per_checkpoint_and_resumes(tmp_path,
         return m
 
     monkeypatch.setattr(curve, "reference_metric", metric)
-    argv = ["--dmmd_run", str(tmp_path / "dmmd" / "out"), "--ddpm_run", str(tmp_path / "ddpm" / "out"),
+    return ["--dmmd_run", str(tmp_path / "dmmd" / "out"), "--ddpm_run", str(tmp_path / "ddpm" / "out"),
             "--steps", "2", "4", "--reference", data, "--num_samples", "6", "--last_num_samples", "8",
             "--batch_size", "4", "--scratch", str(tmp_path / "scratch"), "--name", "c"]  # fmt: skip
+
+
+def test_curve_scores_dmmd_and_the_baseline_per_checkpoint_and_resumes(tmp_path, monkeypatch):
+    argv = two_runs(tmp_path, monkeypatch)
     rows = curve.main(argv)
     dmmd = [r for r in rows if r["method"] == "dmmd"]
     assert [(r["step"], r["num_fake"]) for r in dmmd] == [(2, 6), (4, 8)]
@@ -72,6 +77,24 @@ def test_curve_scores_dmmd_and_the_baseline_per_checkpoint_and_resumes(tmp_path,
     # a later point whose checkpoint does not exist yet is skipped, not an error
     later = argv[: argv.index("--steps")] + ["--steps", "2", "16", "--equal_seconds", "none"] + argv[argv.index("--reference"):]
     assert curve.main(later) == saved["rows"]
+
+
+@pytest.mark.slow
+def test_a_curve_scored_in_parts_and_merged_equals_the_whole(tmp_path, monkeypatch):
+    """Two processes scoring one curve's parts (DMMD rows; baseline rows), each with its own results file and
+    scratch folder, merged: the same rows as one process scoring everything."""
+    argv = two_runs(tmp_path, monkeypatch)
+    parts = argv[: argv.index("--scratch")] + ["--equal_seconds", "last"]
+    whole = curve.main(parts + ["--scratch", str(tmp_path / "s0"), "--name", "whole"])
+    curve.main(parts + ["--scratch", str(tmp_path / "s1"), "--name", "p1", "--parts", "dmmd"])
+    curve.main(parts + ["--scratch", str(tmp_path / "s2"), "--name", "p2", "--parts", "equal_steps", "equal_seconds"])
+    assert not (tmp_path / "s2" / "dmmd_out_4").exists()  # the baseline part exported no DMMD checkpoint
+    merged = curve.main(["--merge", "p1", "p2"])
+
+    def table(rows):
+        return sorted((r["method"], r["step"], r["nfe"], r["num_fake"], r["comparison"], round(r["fid"], 6)) for r in rows)
+
+    assert table(merged) == table(whole)
 
 
 def math_ok(row):
