@@ -194,7 +194,7 @@ def merge(name: str, others: list[str]) -> list[dict]:
     path = os.path.join(RESULTS, f"{name}.json")
     with open(path) as f:
         record = json.load(f)
-    key = lambda r: (r["method"], r["step"], r["nfe"], r["num_fake"], r["comparison"])  # noqa: E731
+    key = lambda r: (r["method"], r["step"], r["nfe"], r["num_fake"], r["comparison"])
     have = {key(r) for r in record["rows"]}
     for other in others:
         with open(os.path.join(RESULTS, f"{other}.json")) as f:

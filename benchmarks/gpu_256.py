@@ -105,9 +105,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def curve(args, cache: str, cuda: bool) -> dict:
     """DMMD and DDPM on the config's backbone, then their learning curves (benchmarks/curve.py)."""
+    import curve as curve_benchmark
     from accelerate.state import AcceleratorState
 
-    import curve as curve_benchmark
     from latent_dmmd.training import main as train
 
     steps = sorted(args.curve_steps)

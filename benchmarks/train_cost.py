@@ -19,7 +19,15 @@ import json
 import os
 
 import torch
-from common import config_discriminator, latent64_discriminator, latent256_cpu_discriminator, plt, save_figure, timeit_pair, write
+from common import (
+    config_discriminator,
+    latent64_discriminator,
+    latent256_cpu_discriminator,
+    plt,
+    save_figure,
+    timeit_pair,
+    write,
+)
 
 
 def fashion_discriminator():

@@ -186,7 +186,7 @@ def flow_report(pipe, data: torch.Tensor, num_images: int = 256, seed: int = 0, 
             for k, t in enumerate(levels):
                 m_p = stats.mean_data[k].double()
 
-                def mean_features(x):
+                def mean_features(x, t=t):  # this level's t, bound here
                     out = [disc(c.to(disc.device, disc.dtype), torch.full((len(c),), t, device=disc.device)).double().sum(0)
                            for c in x.split(128)]  # fmt: skip
                     return (sum(out) / len(x)).cpu()

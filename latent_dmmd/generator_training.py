@@ -117,7 +117,7 @@ def build_generator(config: GeneratorConfig, discriminator):
     from .models import DMMDGenerator
 
     d = discriminator.unet.config
-    pick = lambda mine, theirs: theirs if mine is None else mine  # noqa: E731
+    pick = lambda mine, theirs: theirs if mine is None else mine
     return DMMDGenerator(
         sample_size=discriminator.config.sample_size, in_channels=discriminator.config.in_channels,
         block_out_channels=tuple(pick(config.block_out_channels, d.block_out_channels)),
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> str:
         for _ in range(step):  # the batches the resumed steps had seen
             next(stream)
     shape = (config.train_batch_size, *pipe.particle_shape)
-    phi = lambda x, t: disc(x, t).float()  # noqa: E731
+    phi = lambda x, t: disc(x, t).float()
     bar = tqdm(total=config.max_train_steps, initial=step, desc=f"generator ({config.mode})",
                disable=not accelerator.is_local_main_process)  # fmt: skip
     loop_start, log = time.time(), []

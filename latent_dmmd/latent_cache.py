@@ -199,7 +199,7 @@ class LatentCacheDataset(Dataset):
         for name in shards:
             try:
                 parts.append(load_file(os.path.join(cache_dir, name)))
-            except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            except Exception as err:
                 raise ValueError(f"latent cache shard {os.path.join(cache_dir, name)} is unreadable (truncated or "
                                  f"corrupted: {err}); rebuild the cache with --rebuild_cache") from err  # fmt: skip
         index = torch.cat([p["index"] for p in parts])

@@ -226,7 +226,7 @@ def test_witness_and_score_drifts_are_mixed_on_one_scale():
     kw = dict(score=score, score_weight=0.5, noise_scale=1.0, noise_schedule="constant")
     xi = torch.randn(z.shape, generator=torch.Generator().manual_seed(1))  # the noise step() will draw
     score_step = 0.1 * 0.5 * score  # eta g^2 / 2 grad log p_t, g = 1
-    rms = lambda x: x.square().mean().sqrt()  # noqa: E731
+    rms = lambda x: x.square().mean().sqrt()
     moved = sched.step(grad, t, z, generator=torch.Generator().manual_seed(1), **kw).prev_sample
     witness_part = moved - 0.1**0.5 * xi - score_step
     assert rms(witness_part) == pytest.approx(0.5 * rms(score_step).item(), rel=1e-4)

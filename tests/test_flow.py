@@ -111,11 +111,11 @@ def test_noise_injection_keeps_the_fixed_point_of_the_quadratic_flow():
     themselves: with phi = (x, x^2) the expected gradient is unchanged, so the flow still lands on
     N(1.5, 0.7^2) (mean +-0.02, std +-0.02). Taking the particle mean at the perturbed points instead
     would shrink the variance to 0.49 - beta^2 (std 0.49 at beta = 0.5), which this rules out."""
-    phi = lambda x, t: torch.cat([x, x.square()], 1)  # noqa: E731
+    phi = lambda x, t: torch.cat([x, x.square()], 1)
     m_p = torch.tensor([[1.5, 1.5**2 + 0.7**2]], dtype=torch.float64)
     z = torch.randn(2000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
-    jitter = lambda z, k: z + 0.5 * torch.randn(z.shape, generator=g, dtype=z.dtype)  # noqa: E731
+    jitter = lambda z, k: z + 0.5 * torch.randn(z.shape, generator=g, dtype=z.dtype)
     out = sample_flow(phi, z, [0], m_p, flow_steps=4000, update=0.05, perturb=jitter)
     assert out.mean().item() == pytest.approx(1.50, abs=0.02)
     assert out.std().item() == pytest.approx(0.70, abs=0.02)

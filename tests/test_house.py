@@ -9,7 +9,7 @@ PACKAGE = os.path.join(os.path.dirname(__file__), "..", "latent_dmmd")
 
 def module_name(path: str) -> str:
     rel = os.path.relpath(path, os.path.dirname(os.path.abspath(PACKAGE)))[:-3].replace(os.sep, ".")
-    return rel[: -len(".__init__")] if rel.endswith(".__init__") else rel
+    return rel.removesuffix(".__init__")
 
 
 def import_graph() -> dict[str, set[str]]:

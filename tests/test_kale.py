@@ -36,7 +36,7 @@ def test_kale_velocity_is_one_plus_lambda_grad_h_and_moves_where_h_is_very_negat
     # h(x) = -x1 - 300 (per particle, 2-D; the size of log(p0/pt) at high noise): velocity (1 + lam)(-1, 0),
     # not the (1 + lam) e^h grad h that is exactly 0 in fp32 there
     lam, eta = 0.1, 0.2
-    h = lambda x, t: (-300.0 - x[:, :1])  # noqa: E731
+    h = lambda x, t: (-300.0 - x[:, :1])
     z = torch.randn(50, 2, generator=torch.Generator().manual_seed(0))
     out = sample_flow(h, z, [0], None, flow_steps=1, update=eta, kale_lambda=lam)
     expected = z.clone()

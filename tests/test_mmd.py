@@ -192,7 +192,7 @@ def test_paired_estimator_is_unbiased_where_the_two_sample_one_is_off_by_minus_e
 def test_permuted_pairing_scores_independent_sets_and_keeps_pairs_for_the_penalty():
     """pairing='permuted' with xt_unpaired = noisy copies of the next group's samples: the two-sample
     estimator on independent sets, unbiased (phi = x, truth 0); the penalty still uses the pairs."""
-    phi = lambda x, t: x.flatten(1)  # noqa: E731
+    phi = lambda x, t: x.flatten(1)
     g = torch.Generator().manual_seed(2)
     reps, groups, n, d, alpha = 1500, 2, 16, 32, 0.999
     sigma = math.sqrt(1 - alpha**2)
@@ -288,7 +288,7 @@ def test_rff_mmd_approaches_the_exact_gaussian_kernel_mmd_of_the_same_features(n
     b = 0.8 * a + 0.6 * torch.randn(40, 16, generator=g, dtype=torch.float64) + 0.5
     both = torch.cat([a, b])
     bandwidth = torch.cdist(both, both).median().item()
-    kernel = lambda x, y: torch.exp(-(x - y).square().sum() / (2 * bandwidth**2))  # noqa: E731
+    kernel = lambda x, y: torch.exp(-(x - y).square().sum() / (2 * bandwidth**2))
     exact = brute_force_paired_u(a, b, kernel)
     rff = mmd2_unbiased_paired(random_fourier_features(a, bandwidth, num_features, seed=3),
                                random_fourier_features(b, bandwidth, num_features, seed=3))  # fmt: skip

@@ -314,10 +314,9 @@ def test_replace_folder_keeps_the_previous_folder_when_writing_fails(tmp_path):
     final = tmp_path / "pipeline"
     with replace_folder(str(final)) as tmp:
         (tmp_path / os.path.basename(tmp) / "config.json").write_text('{"good": 1}')
-    with pytest.raises(OSError, match="No space left"):
-        with replace_folder(str(final)) as tmp:
-            (tmp_path / os.path.basename(tmp) / "config.json").write_text("")  # the 0-byte file of a full disk
-            raise OSError(28, "No space left on device")
+    with pytest.raises(OSError, match="No space left"), replace_folder(str(final)) as tmp:
+        (tmp_path / os.path.basename(tmp) / "config.json").write_text("")  # the 0-byte file of a full disk
+        raise OSError(28, "No space left on device")
     assert json.loads((final / "config.json").read_text()) == {"good": 1}
     assert sorted(os.listdir(tmp_path)) == ["pipeline"]  # no temporary folder left behind
 

@@ -105,7 +105,7 @@ def test_level_sized_steps_move_each_particle_by_the_gap_to_the_next_level():
     """step_size_schedule='level': over the N_s steps of level k a particle moves eta sqrt(d) (sigma_k -
     sigma_{k+1}) whatever the gradient's scale (here a gradient the same for every particle)."""
     sched = DMMDScheduler(num_inference_steps=4, flow_steps_per_level=5, step_size=1.0, step_size_schedule="level")
-    sigma = lambda t: float(1 - sched.alphas_cumprod[int(t)]) ** 0.5  # noqa: E731
+    sigma = lambda t: float(1 - sched.alphas_cumprod[int(t)]) ** 0.5
     d = 48
     grad = torch.full((3, 3, 4, 4), 1e-3)  # tiny: the schedule must not care
     for k, t in enumerate(sched.timesteps):

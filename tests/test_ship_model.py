@@ -12,6 +12,7 @@ from latent_dmmd.models.discriminator import vae_contract
 
 from .conftest import tiny_autoencoder, tiny_pipeline
 
+
 def test_ship_without_vae_keeps_the_contract_and_takes_numbers_from_the_benchmark(tmp_path):
     vae = tiny_autoencoder()
     full = tiny_pipeline(in_channels=4, vae=vae)

@@ -352,7 +352,7 @@ def test_reference_statistics_average_each_sample_and_its_mirror_image(tmp_path)
     # a flip-symmetric feature map sees the same mean either way; a left-right-asymmetric one does not
     from latent_dmmd.reference import compute_reference_statistics
 
-    left = lambda x, t: x[..., : x.shape[-1] // 2].flatten(1)  # noqa: E731
+    left = lambda x, t: x[..., : x.shape[-1] // 2].flatten(1)
     stats = compute_reference_statistics(left, items, torch.tensor([0]), torch.ones(1000))
     both = torch.cat([x, x_flip])[..., :4].flatten(1).double().mean(0).float()
     assert stats.count == 16 and torch.allclose(stats.mean_data[0], both, atol=1e-6)

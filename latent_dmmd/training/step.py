@@ -87,7 +87,7 @@ def dmmd_step_loss(
     xt_unpaired = scheduler.add_noise(x0.roll(-size, 0), eps, t) if config.pairing == "permuted" else None
     weights = None
     if level_weighting is not None and level_weighting.mode != "none":
-        weights = lambda mmd2: level_weighting(t_group, mmd2, reduce)  # noqa: E731
+        weights = lambda mmd2: level_weighting(t_group, mmd2, reduce)
     penalty_index = None
     if lambda_gp and config.gp_fraction < 1:  # the same number of interpolates from every group, keyed
         keep = max(1, round(config.gp_fraction * size))
@@ -96,7 +96,7 @@ def dmmd_step_loss(
     phi, phi_penalty, kernel = model, penalty_model, {}
     unwrapped = penalty_model or model
     if unwrapped.config.kernel == "rff_gaussian":  # raw features in, psi at the running bandwidth out
-        phi = lambda x, tt: model(x, tt, raw=True)  # noqa: E731
+        phi = lambda x, tt: model(x, tt, raw=True)
         phi_penalty = None if penalty_model is None else (lambda x, tt: penalty_model(x, tt, raw=True))
         kernel = {
             "kernel": lambda f, tt: unwrapped.kernel_features(f, unwrapped.bandwidth_at(tt)),
