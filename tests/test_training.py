@@ -441,9 +441,9 @@ def test_the_loops_named_steps_work_on_their_own(monkeypatch):
     assert saved == [(5, {"step": 5, "optimize_seconds": 1.5}), (6, {"step": 6, "optimize_seconds": 1.5})]
 
 
-def test_a_stashed_run_resumes_on_a_fresh_folder_like_the_uninterrupted_run(tmp_path):
-    """benchmarks/stash_run.py: the newest checkpoint and the run's logs kept aside, restored into a fresh folder
-    (a new machine), and resumed there: the same weights as the run that never stopped."""
+def stash_runs(tmp_path):
+    """benchmarks/stash_run.py, the final weights of a 6-step run in tmp_path/a, and a 4-step run of the same data
+    in tmp_path/b (to stash, restore and resume to 6)."""
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
@@ -454,6 +454,13 @@ def test_a_stashed_run_resumes_on_a_fresh_folder_like_the_uninterrupted_run(tmp_
     straight = load_file(tmp_path / "a" / "out" / "checkpoint-6" / "model.safetensors")
     (tmp_path / "b").mkdir()
     run(tmp_path / "b", steps=4, data=str(tmp_path / "a" / "imgs"))
+    return stash_run, straight
+
+
+def test_a_stashed_run_resumes_on_a_fresh_folder_like_the_uninterrupted_run(tmp_path):
+    """benchmarks/stash_run.py: the newest checkpoint and the run's logs kept aside, restored into a fresh folder
+    (a new machine), and resumed there: the same weights as the run that never stopped."""
+    stash_run, straight = stash_runs(tmp_path)
     stash_run.main(["save", str(tmp_path / "b" / "out"), str(tmp_path / "stash"), "--also", "2"])
     assert {"checkpoint-2", "checkpoint-4", "config.yaml", "progress.jsonl"} <= set(os.listdir(tmp_path / "stash"))
     stash_run.main(["save", str(tmp_path / "b" / "out"), str(tmp_path / "stash")])  # replaces the stash
@@ -475,18 +482,9 @@ def test_a_stash_with_bfloat16_moments_resumes_close_and_its_scoring_checkpoints
     """``--optimizer bf16`` halves the newest checkpoint's Adam state (the moments in bfloat16); a resume from it
     lands near the uninterrupted run (not bit for bit), and a checkpoint kept for the curve without optimiser
     state is restored with an empty Adam state that ``export_checkpoint`` loads."""
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    import stash_run
-
     from latent_dmmd.training import export_checkpoint
 
-    (tmp_path / "a").mkdir()
-    run(tmp_path / "a", steps=6)
-    straight = load_file(tmp_path / "a" / "out" / "checkpoint-6" / "model.safetensors")
-    (tmp_path / "b").mkdir()
-    run(tmp_path / "b", steps=4, data=str(tmp_path / "a" / "imgs"))
+    stash_run, straight = stash_runs(tmp_path)
     full = torch.load(tmp_path / "b" / "out" / "checkpoint-4" / "optimizer.bin", weights_only=True)
     stash_run.main(["save", str(tmp_path / "b" / "out"), str(tmp_path / "stash"), "--also", "2", "--optimizer", "bf16"])
     assert set(os.listdir(tmp_path / "stash" / "checkpoint-4")) >= {"optimizer.bf16.safetensors", "model.safetensors"}
