@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 continue
             folder = exported(kind, run, at, args.scratch, shlex.split(args.export_flags) if kind == "dmmd" else [])
             if metric is None:  # at the resolution the models output (decoded, in latent space)
-                metric = reference_metric(args, resolution(folder) if kind == "ddpm" else resolution(folder, "dmmd"))
+                metric = reference_metric(args, resolution(folder, kind))
             base = {"step": at, "train_seconds": clock[at], "num_fake": num, "num_real": len(metric.real_features()),
                     "comparison": comparison, "folder": folder}  # fmt: skip
 

@@ -78,6 +78,11 @@ def die_with_parent(sig: int = signal.SIGTERM) -> bool:
 _HELD: list = []  # what a distributed worker keeps alive until its os._exit
 
 
+def _distributed() -> bool:
+    """Whether this process is one of several of a distributed run (torchrun sets WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def hold_until_exit(*objects) -> None:
     """Keep a distributed run's DDP-wrapped models alive until ``run_worker`` ends the process with
     ``os._exit``. Freeing a DDP model frees its reducer, whose release destroys gloo's process group with the
@@ -85,7 +90,7 @@ def hold_until_exit(*objects) -> None:
     with Python objects: it waits for the GIL) -- a deadlock in about 1 run out of 6 with two processes on a
     busy machine (pytorch/pytorch#56297). Held, the group is never destroyed: the process ends without
     teardown once its outputs are written. A single process holds nothing (in-process callers free the model)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if _distributed():
         _HELD.extend(objects)
 
 
@@ -98,7 +103,7 @@ def run_worker(main, timeout: float | None = None) -> None:
     watchdog: after ``timeout`` seconds (``LATENT_DMMD_TEARDOWN_TIMEOUT``, default 60) the process
     exits anyway, with status 0, since its work is done.
     """
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = _distributed()
     if distributed:
         die_with_parent()
     main()
